@@ -1,0 +1,116 @@
+"""Config defaults shared by every experiment file in configs/.
+
+An experiment file calls `base_config()`, then picks a scale and a taper
+preset; any field can still be overridden with `--config.x=y`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tlm_jax.errors import ConfigError
+
+# Model shapes per scale. The paper does not publish d_model / layers / heads;
+# these follow the usual GPT-3/Mamba/Titans sizes with a SwiGLU MLP at ~8/3 d
+# (a multiple of 128) and a 32K vocabulary (the Llama-2 tokenizer of the
+# likely recipe). Parameter totals are those of the uniform model.
+SCALES = {
+    # CPU tests and demos: byte vocabulary, widths in 32-wide tiles.
+    "tiny": dict(vocab_size=256, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                 mlp_width=256, tile=32),
+    # GPT-2-small shape (d768, 12 layers), 134M params untied.
+    "124m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                 mlp_width=2048, tile=128),
+    # Ablation scale, 30 layers (thirds of 10), 439M params.
+    "440m": dict(vocab_size=32000, d_model=1024, num_layers=30, num_heads=16, num_kv_heads=16,
+                 mlp_width=2688, tile=128),
+    # 778M params.
+    "760m": dict(vocab_size=32000, d_model=1536, num_layers=24, num_heads=12, num_kv_heads=12,
+                 mlp_width=4096, tile=128),
+    # 1.35B params.
+    "1.3b": dict(vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+                 mlp_width=5504, tile=128),
+}
+
+# Taper presets: (field overrides of model.taper). The group multipliers of the
+# paper's thirds experiment are unpublished; ours put 1.5x on one third and
+# 0.75x on the other two, so the mean stays 1.
+TAPERS = {
+    "uniform": dict(schedule="uniform"),
+    "cosine": dict(schedule="cosine", start=1.5, end=0.5),  # the paper's best
+    "reverse": dict(schedule="cosine", start=0.5, end=1.5),  # late-heavy: hurts
+    "linear": dict(schedule="linear", start=1.5, end=0.5),
+    "sigmoid": dict(schedule="sigmoid", start=1.5, end=0.5),
+    "early": dict(schedule="thirds", thirds=(1.5, 0.75, 0.75)),
+    "middle": dict(schedule="thirds", thirds=(0.75, 1.5, 0.75)),
+    "late": dict(schedule="thirds", thirds=(0.75, 0.75, 1.5)),
+    "stepped": dict(schedule="stepped", start=1.5, end=0.5, steps=4, step_schedule="cosine"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.backbone = "transformer"
+  m.vocab_size = 256
+  m.d_model = 64
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.mlp_width = 256  # the uniform model's width F; the taper keeps the mean at F
+  m.tie_embeddings = False
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-6
+  m.init_std = 0.02  # output projections get init_std / sqrt(2 * num_layers)
+  m.dtype = "bfloat16"  # compute
+  m.param_dtype = "float32"
+  m.attention_impl = "xla"  # or "cudnn" on NVIDIA GPUs
+  m.layers_mode = "unrolled"  # or "grouped"
+
+  m.taper = t = ml_collections.ConfigDict()
+  t.schedule = "cosine"
+  t.start = 1.5
+  t.end = 0.5
+  t.steepness = 10.0  # sigmoid only; unpublished
+  t.thirds = (1.0, 1.0, 1.0)  # thirds only: early, middle, late multipliers
+  t.steps = 4  # stepped only: number of distinct widths
+  t.step_schedule = "cosine"  # stepped only: the schedule approximated
+  t.widths = ()  # custom only: explicit per-layer widths
+  t.renormalize = "scale"  # how ratios with start + end != 2 meet the budget
+  t.tile = 128
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.train = tr = ml_collections.ConfigDict()
+  tr.steps = 1000
+  tr.batch_size = 32
+  tr.seq_len = 1024
+  tr.learning_rate = 4e-4
+  tr.checkpoint_every = 500
+  tr.eval_every = 500
+  return c
+
+
+def parse_arg(arg: str | None, default_scale: str) -> tuple[str, str]:
+  """'SCALE[,TAPER]' -> (scale, taper); taper defaults to the paper's cosine 1.5 -> 0.5."""
+  parts = [p for p in (arg or "").split(",") if p]
+  scale = parts[0] if parts else default_scale
+  preset = parts[1] if len(parts) > 1 else "cosine"
+  if scale not in SCALES or preset not in TAPERS or len(parts) > 2:
+    raise ConfigError(
+        f"config arg {arg!r} should be SCALE[,TAPER] with SCALE in {list(SCALES)} "
+        f"and TAPER in {list(TAPERS)}")
+  return scale, preset
+
+
+def apply_scale(config: ml_collections.ConfigDict, scale: str) -> None:
+  shape = dict(SCALES[scale])
+  config.model.taper.tile = shape.pop("tile")
+  config.model.update(shape)
+
+
+def apply_taper(config: ml_collections.ConfigDict, preset: str) -> None:
+  config.model.taper.update(TAPERS[preset])

@@ -1,0 +1,1 @@
+"""Flax NNX decoder models with per-layer MLP widths."""

@@ -1,0 +1,62 @@
+"""Causal softmax attention with RoPE and grouped-query heads (the Transformer mixer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tlm_jax.model.layers import output_std, param, rope
+
+Array = jax.Array
+
+
+def head_dim(cfg: Any) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+class Attention(nnx.Module):
+  """q/k/v projections, RoPE, `jax.nn.dot_product_attention`, output projection.
+
+  `cfg.attention_impl` picks the kernel: "xla" runs everywhere, "cudnn" is the
+  fused flash kernel on NVIDIA GPUs (bf16/fp16 only).
+  """
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.w_q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std, pdt)
+    self.w_k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
+    self.w_v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
+    self.w_o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), output_std(cfg), pdt)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.rope_theta = cfg.rope_theta
+    self.implementation = None if cfg.attention_impl == "xla" else cfg.attention_impl
+
+  def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
+    x = x_BTD.astype(self.dtype)
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(self.dtype))
+    k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_k[...].astype(self.dtype))
+    v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_v[...].astype(self.dtype))
+    q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
+    k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
+    y_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation)
+    return jnp.einsum("btnh,nhd->btd", y_BTNH, self.w_o[...].astype(self.dtype))
+
+  @staticmethod
+  def param_count(cfg: Any) -> int:
+    hd = head_dim(cfg)
+    return 2 * cfg.d_model * hd * (cfg.num_heads + cfg.num_kv_heads)
+
+  @staticmethod
+  def flops_per_token(cfg: Any, seq_len: int) -> int:
+    """Training FLOPs (forward + backward = 3x forward) per token.
+
+    Projections: 6 per weight. Scores and weighted values: 2 matmuls of
+    seq_len x head_dim per head, counted without the causal half (the
+    PaLM/MaxText MFU convention), so 12 * seq_len * heads * head_dim.
+    """
+    return 6 * Attention.param_count(cfg) + 12 * seq_len * cfg.num_heads * head_dim(cfg)

@@ -1,0 +1,77 @@
+"""Building blocks shared by every backbone: params, RMSNorm, RoPE, SwiGLU.
+
+Params carry `logical_axes` metadata (embed, mlp, heads, ...); the sharding
+module maps those names to mesh axes with one rules table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
+          dtype: Any) -> nnx.Param:
+  """A normal(0, std) weight (std 0 gives zeros) tagged with logical axis names."""
+  if std == 0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def output_std(cfg: Any) -> float:
+  """Depth-scaled init for projections that write into the residual stream (GPT-2)."""
+  return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in fp32 and returned in the input dtype."""
+
+  def __init__(self, dim: int, eps: float, param_dtype: Any):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x_BTD: Array) -> Array:
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
+  """Rotary position embedding, rotating the two halves of each head (Llama/NeoX)."""
+  half = x_BTNH.shape[-1] // 2
+  freq_H = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BTH = positions_BT[..., None].astype(jnp.float32) * freq_H
+  sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(x W_gate) * (x W_up)); `width` is this layer's own MLP width."""
+
+  def __init__(self, cfg: Any, width: int, *, rngs: nnx.Rngs):
+    d, pdt = cfg.d_model, jnp.dtype(cfg.param_dtype)
+    self.w_gate = param(rngs, (d, width), ("embed", "mlp"), cfg.init_std, pdt)
+    self.w_up = param(rngs, (d, width), ("embed", "mlp"), cfg.init_std, pdt)
+    self.w_down = param(rngs, (width, d), ("mlp", "embed"), output_std(cfg), pdt)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    x = x_BTD.astype(self.dtype)
+    gate_BTF = x @ self.w_gate[...].astype(self.dtype)
+    up_BTF = x @ self.w_up[...].astype(self.dtype)
+    return (jax.nn.silu(gate_BTF) * up_BTF) @ self.w_down[...].astype(self.dtype)
+
+  @staticmethod
+  def param_count(cfg: Any, width: int) -> int:
+    return 3 * cfg.d_model * width
