@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the pinned stack plus tlm_jax itself.
+# `bash launch/setup.sh tpu|cuda` also installs jax[tpu] / jax[cuda13] at the
+# pinned jax version; SETUP_DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+case "${1:-}" in
+  "") EXTRA="" ;;
+  tpu) EXTRA=tpu ;;
+  cuda) EXTRA=cuda13 ;;
+  *) echo "usage: bash launch/setup.sh [tpu|cuda]" >&2; exit 2 ;;
+esac
+run() { if [ -n "${SETUP_DRY_RUN:-}" ]; then echo "$*"; else "$@"; fi; }
+[ -x .venv/bin/python ] || run "$PYTHON" -m venv .venv
+run .venv/bin/python -m pip install -q --upgrade pip
+run .venv/bin/python -m pip install -q -r requirements.txt
+if [ -n "$EXTRA" ]; then
+  JAX_VERSION=$(sed -n 's/^jax==\([^ #]*\).*/\1/p' requirements.txt)
+  [ -n "$JAX_VERSION" ] || { echo "no jax==VERSION pin in requirements.txt" >&2; exit 1; }
+  run .venv/bin/python -m pip install -q "jax[$EXTRA]==$JAX_VERSION"
+fi
+run .venv/bin/python -m pip install -q --no-deps -e .

@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.attention_impl = "xla"  # or "cudnn" on NVIDIA GPUs
   m.layers_mode = "unrolled"  # or "grouped"
+  m.remat = "none"  # none | full | dots | dots_no_batch (see model/lm.py)
 
   m.taper = t = ml_collections.ConfigDict()
   t.schedule = "cosine"
@@ -82,15 +83,46 @@ def base_config() -> ml_collections.ConfigDict:
   t.renormalize = "scale"  # how ratios with start + end != 2 meet the budget
   t.tile = 128
 
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "builtin"  # builtin (offline: Python reference docs + stdlib source) | local | tfds
+  d.name = ""  # tfds only: a prepared TFDS dataset, e.g. "lm1b", "c4/en"
+  d.data_dir = ""  # TFDS folder (local or gs://); "": $TFDS_DATA_DIR or ~/tensorflow_datasets
+  d.files = ""  # local only: glob(s) of .txt / .jsonl files, comma-separated
+  d.text_field = "text"  # JSONL key (local) or TFDS feature (tfds) holding the text
+  d.tokenizer = "byte"  # byte | sentencepiece
+  d.spm_model = ""  # SentencePiece .model path when tokenizer="sentencepiece"
+  d.worker_count = 0  # Grain prefetch worker processes
+  d.eval_split = "validation"
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = "auto"  # auto (multi-host TPU pods) | yes | no
+  c.distributed.coordinator = ""  # host:port; empty: from the environment
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
 
   c.train = tr = ml_collections.ConfigDict()
   tr.steps = 1000
-  tr.batch_size = 32
+  tr.batch_size = 32  # global, in sequences
   tr.seq_len = 1024
-  tr.learning_rate = 4e-4
-  tr.checkpoint_every = 500
+  tr.grad_accum = 1  # microbatches per step
+  tr.learning_rate = 4e-4  # peak; the Titans recipe's AdamW lr
+  tr.lr_schedule = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+  tr.warmup_steps = 100
+  tr.min_lr_ratio = 0.1  # floor of cosine / end of wsd decay, as a fraction of peak
+  tr.decay_fraction = 0.2  # wsd only: share of steps spent decaying
+  tr.b1 = 0.9
+  tr.b2 = 0.95
+  tr.eps = 1e-8
+  tr.weight_decay = 0.1  # matrices only; norms and biases are not decayed
+  tr.grad_clip = 1.0  # global norm
+  tr.log_every = 10
   tr.eval_every = 500
+  tr.eval_batches = 8
+  tr.checkpoint_every = 500
+  tr.keep_checkpoints = 3
+  tr.peak_flops = 0.0  # per device, for MFU; 0: look up by device kind
   return c
 
 

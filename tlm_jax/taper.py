@@ -93,13 +93,19 @@ class TaperSpec:
             "(early, middle, late)")
     if self.schedule == "stepped" and not (isinstance(self.steps, int) and self.steps >= 1):
       raise ConfigError(f"model.taper.steps={self.steps!r} must be an integer >= 1")
-    if self.schedule == "sigmoid" and self.steepness <= 0:
+    uses_sigmoid = "sigmoid" in (self.schedule, self.schedule == "stepped" and self.step_schedule)
+    if uses_sigmoid and self.steepness <= 0:
       raise ConfigError(f"model.taper.steepness={self.steepness} must be positive")
 
 
 def rounding_multiple(tile: int, tensor_parallel: int = 1) -> int:
   """Widths must be tile multiples and split evenly over the tensor axis."""
   return math.lcm(tile, max(1, tensor_parallel))
+
+
+def _logistic(z: float) -> float:
+  """1 / (1 + e^-z) without overflow for steep sigmoids."""
+  return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
 def _profile(schedule: str, num_layers: int, start: float, end: float,
@@ -119,9 +125,8 @@ def _profile(schedule: str, num_layers: int, start: float, end: float,
     elif schedule == "linear":
       weight = 1 - x
     else:  # sigmoid, rescaled so the first layer gets start and the last end
-      lo = 1 / (1 + math.exp(-steepness * (0 - 0.5)))
-      hi = 1 / (1 + math.exp(-steepness * (1 - 0.5)))
-      weight = 1 - (1 / (1 + math.exp(-steepness * (x - 0.5))) - lo) / (hi - lo)
+      lo, hi = _logistic(-steepness / 2), _logistic(steepness / 2)
+      weight = 1 - (_logistic(steepness * (x - 0.5)) - lo) / (hi - lo)
     out.append(end + (start - end) * weight)
   return out
 
@@ -183,11 +188,12 @@ def repair_to_budget(ideal: Sequence[float], sizes: Sequence[int], total: int,
                      multiple: int) -> list[int]:
   """Integer widths (multiples of `multiple`, at least one multiple each) per group.
 
-  Chooses, per group, a tile count within one of floor/ceil of the ideal, so
+  Chooses, per group, a tile count near the ideal (within the largest group
+  size of floor/ceil, so groups of different sizes can still add up), so
   that sum(size * width) == total exactly, the sequence is monotone wherever
   `ideal` is, and the squared error to the ideal (weighted by group size) is
   smallest. A dynamic program over groups with state (running total, last
-  width): small because each group has at most four candidates.
+  width): small because each group has few candidates.
   """
   if total % multiple:
     raise ConfigError(
@@ -196,10 +202,11 @@ def repair_to_budget(ideal: Sequence[float], sizes: Sequence[int], total: int,
   units = [w / multiple for w in ideal]
   target = total // multiple
   direction = _direction(ideal)
+  reach = max(sizes)
   options = []
   for u in units:
-    low = max(1, math.floor(u) - 1)
-    options.append(list(range(low, max(low, math.ceil(u) + 1) + 1)))
+    low = max(1, math.floor(u) - reach)
+    options.append(list(range(low, max(low, math.ceil(u) + reach) + 1)))
   # Reachable range of the remaining groups, to prune hopeless partial sums.
   rest_lo, rest_hi = [0] * (len(units) + 1), [0] * (len(units) + 1)
   for g in range(len(units) - 1, -1, -1):

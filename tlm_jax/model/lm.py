@@ -29,6 +29,13 @@ Array = jax.Array
 # flops_per_token(cfg, seq_len) so the taper table can cost it without building.
 MIXERS = {"transformer": Attention}
 LAYERS_MODES = ("unrolled", "grouped")
+# Named rematerialisation policies: what a block keeps from the forward pass.
+REMAT_POLICIES = {
+    "none": None,  # keep everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -53,6 +60,8 @@ def check_model_config(cfg: Any) -> None:
     raise ConfigError(f"head dim {head_dim(cfg)} is odd; RoPE needs an even model.head_dim")
   if cfg.layers_mode not in LAYERS_MODES:
     raise ConfigError(f"model.layers_mode={cfg.layers_mode!r} is unknown; use one of {LAYERS_MODES}")
+  if cfg.remat not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat={cfg.remat!r} is unknown; use one of {list(REMAT_POLICIES)}")
   if cfg.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(
         f"model.attention_impl={cfg.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}")
@@ -91,15 +100,19 @@ def layer_groups(widths: list[int], layers_mode: str) -> tuple[tuple[int, ...], 
   return tuple(tuple(g) for g in groups)
 
 
-def scan_blocks(blocks: list[Block], x_BTD: Array, positions_BT: Array) -> Array:
-  """Run equal-shape blocks as one scan over their params, stacked on the fly."""
+def run_blocks(blocks: list[Block], x_BTD: Array, positions_BT: Array, remat: str) -> Array:
+  """One block as a call, or equal-shape blocks as one scan over params stacked on the fly."""
   graphdef, _ = nnx.split(blocks[0])
+
+  def apply(x, state):
+    return nnx.merge(graphdef, state)(x, positions_BT)
+
+  if remat != "none":
+    apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+  if len(blocks) == 1:
+    return apply(x_BTD, nnx.state(blocks[0]))
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
-
-  def body(x, state):
-    return nnx.merge(graphdef, state)(x, positions_BT), None
-
-  return jax.lax.scan(body, x_BTD, stacked)[0]
+  return jax.lax.scan(lambda x, state: (apply(x, state), None), x_BTD, stacked)[0]
 
 
 class Decoder(nnx.Module):
@@ -116,6 +129,7 @@ class Decoder(nnx.Module):
     self.head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
     self.dtype = jnp.dtype(cfg.dtype)
+    self.remat = cfg.remat
     self.widths = tuple(widths)
     self.groups = layer_groups(list(widths), cfg.layers_mode)
 
@@ -131,10 +145,7 @@ class Decoder(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
     for group in self.groups:
-      if len(group) == 1:
-        x_BTD = self.blocks[group[0]](x_BTD, positions_BT)
-      else:
-        x_BTD = scan_blocks([self.blocks[l] for l in group], x_BTD, positions_BT)
+      x_BTD = run_blocks([self.blocks[l] for l in group], x_BTD, positions_BT, self.remat)
     return self.final_norm(x_BTD)
 
   def unembed(self, h_BTD: Array) -> Array:

@@ -1,0 +1,82 @@
+"""Compile the real train step for a Cloud TPU topology on this machine (no TPU needed).
+
+    python -m tlm_jax.aot --config configs/tlm_transformer.py:1.3b --topology v5p:2x2x1
+
+Uses libtpu from PyPI (`pip install jax[tpu]`) and jax.experimental.topologies
+to build the config's mesh over the topology's chips, then reports per-device
+memory from the compiled program and whether it fits the chip's HBM. A program
+that cannot fit fails to compile; that is reported as fits=false.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tlm_jax import optim, sharding, train
+
+GiB = 2**30
+# HBM per chip (bytes) by topology prefix.
+HBM_PER_CHIP = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+
+
+def compile_for_topology(config: Any, topology: str, chip_config_name: str | None = None) -> dict:
+  """Memory analysis of the train step compiled for `topology`, e.g. 'v5e:2x4'."""
+  from jax.experimental import topologies
+
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  kwargs = dict(chip_config_name=chip_config_name) if chip_config_name else {}
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+  shape = sharding.mesh_shape(config.mesh, len(topo.devices))
+  mesh = topologies.make_mesh(topo, shape, sharding.MESH_AXES)
+  mesh = jax.sharding.Mesh(mesh.devices, sharding.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+  train.check_config(config, mesh)
+  tx = optim.make_optimizer(config.train)
+  graphdef, _, state_sh, abstract_state = train.init_state(config, mesh, tx)
+  batch_sh = sharding.batch_sharding(mesh)
+  step = train.make_train_step(graphdef, tx, config.train, state_sh, batch_sh)
+  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32,
+                                sharding=batch_sh)
+  hbm = next((v for k, v in HBM_PER_CHIP.items() if topology.startswith(k)), None)
+  report = dict(topology=topology, chips=len(topo.devices),
+                mesh=dict(zip(sharding.MESH_AXES, shape)), hbm_per_chip_gib=hbm and hbm / GiB)
+  try:
+    compiled = step.lower(abstract_state, dict(inputs=tokens, targets=tokens)).compile()
+  except Exception as e:  # XLA reports an impossible fit as RESOURCE_EXHAUSTED at compile time
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return dict(report, fits=False, error=str(e).splitlines()[0][:500])
+  mem = compiled.memory_analysis()
+  per_device = dict(
+      peak=mem.peak_memory_in_bytes, arguments=mem.argument_size_in_bytes,
+      outputs=mem.output_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+      generated_code=mem.generated_code_size_in_bytes)
+  return dict(report, per_device_gib={k: v / GiB for k, v in per_device.items()},
+              fits=hbm is None or per_device["peak"] <= hbm)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  report = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _CHIP_CONFIG.value)
+  print(json.dumps(report, indent=1))
+  if not report["fits"]:
+    print(f"does NOT fit {report['topology']}: shard more (mesh.fsdp=-1, mesh.tensor), "
+          "lower train.batch_size, raise train.grad_accum or set model.remat=full")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+  _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x4", "TPU topology, e.g. v5e:2x4, v5p:2x2x1.")
+  _CHIP_CONFIG = flags.DEFINE_string("chip_config_name", None, "e.g. megacore for v4.")
+  flags.mark_flag_as_required("config")
+  app.run(main)

@@ -1,0 +1,46 @@
+"""AdamW with warmup + cosine / constant / warmup-stable-decay, clipping and a decay mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from tlm_jax.errors import ConfigError
+
+SCHEDULES = ("cosine", "constant", "wsd")
+
+
+def learning_rate_schedule(tcfg: Any) -> optax.Schedule:
+  """Linear warmup, then cosine to min_lr_ratio * lr, constant, or WSD's final linear decay."""
+  peak, warmup, steps = tcfg.learning_rate, tcfg.warmup_steps, tcfg.steps
+  if tcfg.lr_schedule not in SCHEDULES:
+    raise ConfigError(f"train.lr_schedule={tcfg.lr_schedule!r} is unknown; use one of {SCHEDULES}")
+  if warmup >= steps and tcfg.lr_schedule != "constant":
+    raise ConfigError(f"train.warmup_steps={warmup} must be below train.steps={steps}")
+  floor = peak * tcfg.min_lr_ratio
+  ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  if tcfg.lr_schedule == "constant":
+    rest = optax.constant_schedule(peak)
+  elif tcfg.lr_schedule == "cosine":
+    rest = optax.cosine_decay_schedule(peak, steps - warmup, alpha=tcfg.min_lr_ratio)
+  else:
+    decay = max(1, int(tcfg.decay_fraction * steps))
+    stable = max(0, steps - warmup - decay)
+    rest = optax.join_schedules(
+        [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [stable])
+  return optax.join_schedules([ramp, rest], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices only: norm scales and biases (1-D) are excluded."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(tcfg: Any) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(tcfg.grad_clip),
+      optax.adamw(learning_rate_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                  weight_decay=tcfg.weight_decay, mask=decay_mask),
+  )
