@@ -47,6 +47,9 @@ def check_model_config(cfg: Any) -> None:
   for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_width"):
     if not (isinstance(cfg[field], int) and cfg[field] > 0):
       raise ConfigError(f"model.{field}={cfg[field]!r} must be a positive integer")
+  if not (isinstance(cfg.head_dim, int) and cfg.head_dim >= 0):
+    raise ConfigError(f"model.head_dim={cfg.head_dim!r} must be a non-negative integer "
+                      "(0: d_model // num_heads)")
   if not cfg.head_dim and cfg.d_model % cfg.num_heads:
     raise ConfigError(
         f"model.num_heads={cfg.num_heads} does not divide model.d_model={cfg.d_model}: "

@@ -1,0 +1,479 @@
+"""Decoder tests: a plain-jnp reference, causality, layer modes, params, config errors.
+
+Everything runs on the "tiny" scale (d_model 64, 4 layers, byte vocabulary,
+float32) so the file stays fast on a CPU; larger scales are only built
+abstractly (`nnx.eval_shape`), which allocates nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tlm_jax import taper
+from tlm_jax.config import TAPERS
+from tlm_jax.errors import ConfigError
+from tlm_jax.model import costs, lm
+
+CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tlm_transformer.py"
+BATCH, SEQ = 2, 12
+LARGE_SCALES = ("124m", "440m", "760m", "1.3b")
+
+
+@functools.cache
+def _config_module():
+  spec = importlib.util.spec_from_file_location("tlm_transformer_config", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(arg: str = "tiny"):
+  """A fresh experiment config from configs/tlm_transformer.py:ARG."""
+  return _config_module().get_config(arg)
+
+
+def stepped_config(steps: int = 2):
+  """Tiny config whose taper has `steps` distinct widths, so groups span several layers."""
+  cfg = load_config("tiny,stepped")
+  cfg.model.taper.steps = steps
+  return cfg
+
+
+def tokens_for(cfg, seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.model.vocab_size)
+
+
+def randomize_params(model: nnx.Module, seed: int, std: float = 0.15) -> None:
+  """Replace every param with random values (norm scales around 1, not exactly 1).
+
+  Init leaves norm scales at one and attention nearly uniform (std 0.02), which
+  would hide a dropped scale or a wrong softmax scale; these values do not.
+  """
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = []
+  for key, leaf in zip(keys, leaves):
+    noise = jax.random.normal(key, leaf.shape, leaf.dtype)
+    new.append(1.0 + 0.2 * noise if leaf.ndim == 1 else std * noise)
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+def flat_params(model: nnx.Module) -> dict:
+  return {path: np.asarray(leaf) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+
+
+def num_params(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------
+# 1. A plain jax.numpy reference of the whole forward pass (no Flax).
+# ---------------------------------------------------------------------------
+
+
+def ref_rms_norm(x, scale, eps):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def ref_rope(x_BTNH, positions_BT, theta):
+  """Rotate pairs (x[i], x[i + half]) by position * theta^(-i/half), as complex numbers."""
+  half = x_BTNH.shape[-1] // 2
+  freq = theta ** (-np.arange(half) / half)
+  angle_BTH = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(freq, jnp.float32)
+  rotation = jnp.exp(1j * angle_BTH)[:, :, None, :]
+  z = (x_BTNH[..., :half] + 1j * x_BTNH[..., half:]) * rotation
+  return jnp.concatenate([z.real, z.imag], axis=-1).astype(jnp.float32)
+
+
+def ref_attention(x_BTD, p, positions_BT, cfg):
+  num_heads, num_kv = cfg.num_heads, cfg.num_kv_heads
+  hd = p["w_q"].shape[-1]
+  q = ref_rope(jnp.einsum("btd,dnh->btnh", x_BTD, p["w_q"]), positions_BT, cfg.rope_theta)
+  k = ref_rope(jnp.einsum("btd,dkh->btkh", x_BTD, p["w_k"]), positions_BT, cfg.rope_theta)
+  v = jnp.einsum("btd,dkh->btkh", x_BTD, p["w_v"])
+  # Grouped-query attention: query head n reads kv head n // (num_heads // num_kv).
+  k = jnp.repeat(k, num_heads // num_kv, axis=2)
+  v = jnp.repeat(v, num_heads // num_kv, axis=2)
+  scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / math.sqrt(hd)
+  seq = x_BTD.shape[1]
+  causal = np.tril(np.ones((seq, seq), bool))
+  scores = jnp.where(causal, scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  y = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+  return jnp.einsum("bqnh,nhd->bqd", y, p["w_o"])
+
+
+def ref_swiglu(x_BTD, p):
+  return (jax.nn.silu(x_BTD @ p["w_gate"]) * (x_BTD @ p["w_up"])) @ p["w_down"]
+
+
+def reference_logits(model, cfg, tokens_BT, positions_BT=None):
+  """Logits of `model` recomputed from its raw param arrays."""
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+  eps = cfg.norm_eps
+  embed = model.embed[...]
+  x = embed[tokens_BT]
+  for block in model.blocks:
+    attn = {name: getattr(block.mixer, name)[...] for name in ("w_q", "w_k", "w_v", "w_o")}
+    mlp = {name: getattr(block.mlp, name)[...] for name in ("w_gate", "w_up", "w_down")}
+    x = x + ref_attention(ref_rms_norm(x, block.mixer_norm.scale[...], eps), attn,
+                          positions_BT, cfg)
+    x = x + ref_swiglu(ref_rms_norm(x, block.mlp_norm.scale[...], eps), mlp)
+  h = ref_rms_norm(x, model.final_norm.scale[...], eps)
+  head = embed.T if cfg.tie_embeddings else model.head[...]
+  return h @ head
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("explicit_positions", [False, True], ids=["default_pos", "explicit_pos"])
+def test_forward_matches_plain_jnp_reference(tie_embeddings, explicit_positions):
+  cfg = load_config("tiny")  # cosine taper, 4 heads sharing 2 kv heads
+  cfg.model.tie_embeddings = tie_embeddings
+  model = lm.build(cfg)
+  assert len(set(model.widths)) == cfg.model.num_layers, "every layer should differ"
+  assert cfg.model.num_kv_heads < cfg.model.num_heads
+  assert (model.head is None) == tie_embeddings
+  randomize_params(model, seed=1)
+  tokens = tokens_for(cfg)
+  positions = None
+  if explicit_positions:  # an offset stream and an unordered one
+    positions = jnp.stack([7 + 3 * jnp.arange(SEQ),
+                           jax.random.randint(jax.random.key(5), (SEQ,), 0, 1000)])
+
+  logits = model(tokens, positions)
+  expected = reference_logits(model, cfg.model, tokens, positions)
+
+  assert logits.shape == (BATCH, SEQ, cfg.model.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert float(jnp.std(expected)) > 0.1  # the comparison is not between near-zeros
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_positions_change_logits_only_through_rope():
+  """Shifting every position by the same offset leaves relative RoPE, hence logits, unchanged."""
+  cfg = load_config("tiny")
+  model = lm.build(cfg)
+  randomize_params(model, seed=2)
+  tokens = tokens_for(cfg)
+  base = jnp.broadcast_to(jnp.arange(SEQ), tokens.shape)
+  shuffled = jnp.broadcast_to(jnp.arange(SEQ)[::-1], tokens.shape)
+  np.testing.assert_allclose(model(tokens, base + 100), model(tokens), atol=1e-4, rtol=1e-4)
+  assert not np.allclose(model(tokens, shuffled), model(tokens), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# 2. Causality: the loss at position t depends on no later input.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers_mode", lm.LAYERS_MODES)
+def test_loss_at_t_has_zero_gradient_wrt_later_inputs(layers_mode):
+  cfg = stepped_config()
+  cfg.model.layers_mode = layers_mode
+  model = lm.build(cfg)
+  randomize_params(model, seed=3)
+  tokens = tokens_for(cfg)
+  targets = tokens_for(cfg, seed=9)
+  x_BTD = model.embed_tokens(tokens)
+
+  @jax.jit
+  def grad_of_loss_at(x_BTD, t):
+    def loss(x):
+      logits_BV = model.unembed(model.trunk(x))[:, t]
+      logp_BV = jax.nn.log_softmax(logits_BV)
+      return -jnp.take_along_axis(logp_BV, targets[:, t, None], axis=-1).sum()
+    return jax.grad(loss)(x_BTD)
+
+  for t in (0, 4, SEQ - 1):
+    g_BTD = grad_of_loss_at(x_BTD, t)
+    assert np.all(np.asarray(g_BTD[:, t + 1:]) == 0.0), f"future leaks into position {t}"
+    assert np.all(np.abs(np.asarray(g_BTD[:, :t + 1])).sum(-1) > 0), f"past unused at {t}"
+
+
+# ---------------------------------------------------------------------------
+# 3. Unrolled and grouped modes compute the same function.
+# ---------------------------------------------------------------------------
+
+
+def cross_entropy(logits_BTV, targets_BT):
+  logp = jax.nn.log_softmax(logits_BTV)
+  return -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1).mean()
+
+
+def jitted_logits_and_grads(model, tokens, targets):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def run(params):
+    def loss(params):
+      return cross_entropy(nnx.merge(graphdef, params, rest)(tokens), targets)
+    logits = nnx.merge(graphdef, params, rest)(tokens)
+    return logits, jax.grad(loss)(params)
+
+  return run(params)
+
+
+def count_scans(model, tokens) -> int:
+  """Top-level `scan`s in the forward pass (a fresh lambda: jax caches traces per callable)."""
+  jaxpr = jax.make_jaxpr(lambda t: model(t))(tokens)
+  return sum(eqn.primitive.name == "scan" for eqn in jaxpr.jaxpr.eqns)
+
+
+MODE_CASES = {
+    # config, groups expected in grouped mode
+    "stepped2": (lambda: stepped_config(2), ((0, 1), (2, 3))),
+    "uniform": (lambda: load_config("tiny,uniform"), ((0, 1, 2, 3),)),
+}
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_unrolled_and_grouped_agree_in_logits_and_grads(case):
+  make_config, grouped_groups = MODE_CASES[case]
+  cfg = make_config()
+  model = lm.build(cfg)
+  randomize_params(model, seed=4)
+  tokens, targets = tokens_for(cfg), tokens_for(cfg, seed=8)
+  assert model.groups == tuple((l,) for l in range(cfg.model.num_layers))
+
+  eager_unrolled = model(tokens)
+  jit_unrolled, grads_unrolled = jitted_logits_and_grads(model, tokens, targets)
+  unrolled_scans = count_scans(model, tokens)
+
+  lm.set_layers_mode(model, "grouped")
+  assert model.groups == grouped_groups
+  assert any(len(g) > 1 for g in model.groups)
+  eager_grouped = model(tokens)
+  jit_grouped, grads_grouped = jitted_logits_and_grads(model, tokens, targets)
+  grouped_scans = count_scans(model, tokens)
+
+  # Grouped mode really runs scans (one per group), unrolled mode none.
+  assert unrolled_scans == 0
+  assert grouped_scans == len(grouped_groups)
+
+  np.testing.assert_allclose(eager_grouped, eager_unrolled, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jit_unrolled, eager_unrolled, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(jit_grouped, jit_unrolled, atol=1e-5, rtol=1e-5)
+  flat_u = dict(jax.tree_util.tree_flatten_with_path(grads_unrolled)[0])
+  flat_g = dict(jax.tree_util.tree_flatten_with_path(grads_grouped)[0])
+  assert flat_u.keys() == flat_g.keys()
+  assert len(flat_u) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+  for path, g in flat_u.items():
+    assert np.any(np.asarray(g) != 0), f"no gradient for {jax.tree_util.keystr(path)}"
+    np.testing.assert_allclose(flat_g[path], g, atol=1e-5, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_policies_do_not_change_logits_or_grads():
+  cfg = stepped_config()
+  cfg.model.layers_mode = "grouped"
+  tokens, targets = tokens_for(cfg), tokens_for(cfg, seed=8)
+  plain = lm.build(cfg)
+  randomize_params(plain, seed=4)
+  logits, grads = jitted_logits_and_grads(plain, tokens, targets)
+
+  policies = [r for r in lm.REMAT_POLICIES if r != "none"]
+  assert policies
+  for remat in policies:
+    cfg.model.remat = remat
+    rematted = lm.build(cfg)
+    nnx.update(rematted, nnx.state(plain))
+    remat_logits, remat_grads = jitted_logits_and_grads(rematted, tokens, targets)
+    np.testing.assert_allclose(remat_logits, logits, atol=1e-5, rtol=1e-5, err_msg=remat)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5,
+                                                         err_msg=remat),
+                 remat_grads, grads)
+
+
+def test_set_layers_mode_rejects_unknown_mode():
+  model = lm.build(load_config("tiny"))
+  with pytest.raises(ConfigError, match="layers_mode"):
+    lm.set_layers_mode(model, "scanned")
+
+
+# ---------------------------------------------------------------------------
+# 4. A checkpoint of one mode loads into the other.
+# ---------------------------------------------------------------------------
+
+
+def unrolled_and_grouped_models():
+  cfg_a = stepped_config()
+  cfg_b = stepped_config()
+  cfg_b.model.layers_mode = "grouped"
+  a, b = lm.build(cfg_a, seed=0), lm.build(cfg_b, seed=1)
+  assert any(len(g) > 1 for g in b.groups)
+  return cfg_a, a, b
+
+
+def test_param_paths_are_identical_between_modes():
+  _, a, b = unrolled_and_grouped_models()
+  paths_a = {path: leaf.shape for path, leaf in flat_params(a).items()}
+  paths_b = {path: leaf.shape for path, leaf in flat_params(b).items()}
+  assert paths_a == paths_b
+  assert (nnx.to_pure_dict(nnx.state(a)).keys()
+          == nnx.to_pure_dict(nnx.state(b)).keys() == {"embed", "blocks", "final_norm", "head"})
+
+
+def test_state_of_unrolled_model_loads_into_grouped_model():
+  cfg, a, b = unrolled_and_grouped_models()
+  tokens = tokens_for(cfg)
+  assert not np.allclose(b(tokens), a(tokens), atol=1e-3)  # different seeds differ
+
+  nnx.update(b, nnx.state(a))
+
+  assert b.groups != a.groups
+  np.testing.assert_allclose(b(tokens), a(tokens), atol=1e-5, rtol=1e-5)
+  for path, value in flat_params(a).items():
+    np.testing.assert_array_equal(flat_params(b)[path], value)
+
+
+def test_pure_dict_of_unrolled_model_loads_into_grouped_model():
+  cfg, a, b = unrolled_and_grouped_models()
+  tokens = tokens_for(cfg)
+  # A pure dict of host arrays, as a checkpoint would hold it.
+  pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(a)))
+  assert isinstance(pure["blocks"], dict) and sorted(pure["blocks"]) == [0, 1, 2, 3]
+
+  state_b = nnx.state(b)
+  nnx.replace_by_pure_dict(state_b, pure)
+  nnx.update(b, state_b)
+
+  np.testing.assert_allclose(b(tokens), a(tokens), atol=1e-5, rtol=1e-5)
+  # And back: the grouped model's state restores into a fresh unrolled one.
+  c = lm.build(stepped_config(), seed=2)
+  nnx.update(c, nnx.state(b))
+  np.testing.assert_allclose(c(tokens), a(tokens), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# 5. Parameter parity with the uniform twin and with costs.py.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("preset", TAPERS)
+def test_tiny_param_count_matches_uniform_twin_and_costs(preset, tie_embeddings):
+  cfg = load_config(f"tiny,{preset}")
+  cfg.model.tie_embeddings = tie_embeddings
+  widths = taper.widths_from_config(cfg)
+  model = lm.build(cfg)
+  twin = lm.build(taper.uniform_twin(cfg))
+
+  assert list(model.widths) == widths
+  assert lm.param_count(model) == lm.param_count(twin)
+  assert lm.param_count(model) == costs.total_params(cfg.model, widths)
+  assert lm.param_count(model) == num_params(nnx.state(model))  # nothing hides outside Params
+  for l, width in enumerate(widths):
+    block = model.blocks[l]
+    assert block.mlp.w_gate.shape == block.mlp.w_up.shape == (cfg.model.d_model, width)
+    assert block.mlp.w_down.shape == (width, cfg.model.d_model)
+    assert num_params(nnx.state(block, nnx.Param)) == costs.layer_params(cfg.model, width)
+  non_layer = (num_params(nnx.state(model.final_norm)) + model.embed.size
+               + (0 if model.head is None else model.head.size))
+  assert non_layer == costs.embedding_params(cfg.model)
+
+
+@pytest.mark.parametrize("scale", LARGE_SCALES)
+def test_large_scale_param_counts_match_uniform_twin_and_costs(scale):
+  twin_count = None
+  for preset in TAPERS:
+    cfg = load_config(f"{scale},{preset}")
+    widths = taper.widths_from_config(cfg)
+    abstract = nnx.eval_shape(lambda cfg=cfg: lm.build(cfg))
+    assert all(isinstance(x, jax.ShapeDtypeStruct)
+               for x in jax.tree.leaves(nnx.state(abstract)))
+    count = lm.param_count(abstract)
+    if twin_count is None:
+      twin_count = lm.param_count(nnx.eval_shape(lambda cfg=cfg: lm.build(taper.uniform_twin(cfg))))
+    assert count == twin_count, preset
+    assert count == costs.total_params(cfg.model, widths), preset
+
+
+# ---------------------------------------------------------------------------
+# 6. Bad configs fail early, naming the field.
+# ---------------------------------------------------------------------------
+
+
+def _set(**fields):
+  def apply(cfg):
+    for dotted, value in fields.items():
+      *parents, leaf = dotted.split("__")
+      node = cfg
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  return apply
+
+
+BAD_CONFIGS = {
+    "heads_do_not_divide_d_model": (_set(model__num_heads=3, model__num_kv_heads=3),
+                                    "model.num_heads=3"),
+    "kv_heads_do_not_divide_heads": (_set(model__num_kv_heads=3), "model.num_kv_heads=3"),
+    "odd_head_dim": (_set(model__head_dim=15), "model.head_dim"),
+    # Library bug: a negative head_dim skips every check and dies inside XLA
+    # ("invalid tensor dimension size") instead of raising ConfigError.
+    "negative_head_dim": (_set(model__head_dim=-4), "model.head_dim"),
+    "mlp_width_not_tile_multiple": (_set(model__mlp_width=250), "model.mlp_width=250"),
+    "unknown_schedule": (_set(model__taper__schedule="exponential"), "model.taper.schedule"),
+    "unknown_layers_mode": (_set(model__layers_mode="scanned"), "model.layers_mode"),
+    "unknown_backbone": (_set(model__backbone="mamba"), "model.backbone"),
+    "unknown_dtype": (_set(model__dtype="float8"), "model.dtype"),
+    "unknown_remat": (_set(model__remat="sometimes"), "model.remat"),
+    "cudnn_with_float32": (_set(model__attention_impl="cudnn"), "model.attention_impl"),
+    "negative_start_ratio": (_set(model__taper__start=-1.0), "model.taper.start"),
+    "shift_cannot_meet_budget": (_set(model__taper__start=5.0, model__taper__end=0.1,
+                                      model__taper__renormalize="shift"),
+                                 "model.taper.renormalize"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_raises_config_error_naming_the_field(case):
+  mutate, field = BAD_CONFIGS[case]
+  cfg = load_config("tiny")
+  assert cfg.model.dtype == "float32"
+  mutate(cfg)
+  with pytest.raises(ConfigError, match=re.escape(field)):
+    lm.build(cfg)
+
+
+def test_good_tiny_config_builds():
+  """The bad-config cases each change one thing in a config that does build."""
+  assert isinstance(lm.build(load_config("tiny")), lm.Decoder)
+
+
+# ---------------------------------------------------------------------------
+# 7. bf16 compute.
+# ---------------------------------------------------------------------------
+
+
+def test_bf16_compute_gives_finite_fp32_logits_close_to_fp32():
+  cfg32 = load_config("tiny")
+  cfg16 = load_config("tiny")
+  cfg16.model.dtype = "bfloat16"
+  model32, model16 = lm.build(cfg32), lm.build(cfg16, seed=7)
+  randomize_params(model32, seed=6, std=0.05)
+  nnx.update(model16, nnx.state(model32))
+  tokens = tokens_for(cfg32)
+
+  assert model16.embed_tokens(tokens).dtype == jnp.bfloat16  # really computing in bf16
+  assert model16.embed[...].dtype == jnp.float32  # params stay fp32
+  logits16, logits32 = model16(tokens), model32(tokens)
+
+  assert logits16.dtype == jnp.float32
+  assert np.all(np.isfinite(logits16))
+  assert float(jnp.std(logits32)) > 0.1
+  np.testing.assert_allclose(logits16, logits32, atol=5e-2, rtol=0)
+  assert not np.allclose(logits16, logits32, atol=1e-5)  # bf16 rounding is visible

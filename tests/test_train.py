@@ -1,0 +1,224 @@
+"""The trainer end to end: sharding equivalence, preemption and resume, multi-process, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tlm_jax import checkpoint, optim, sharding, train
+from tlm_jax.data import pipeline
+from tlm_jax.errors import ConfigError
+from tlm_jax.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import local  # noqa: E402  (launch/local.py)
+
+STEPS = 24
+# A small tapered model, fast on CPU; overrides of configs/demo.py.
+SMALL = dict(
+    **{"model.d_model": 64, "model.mlp_width": 256, "model.num_heads": 4},
+    **{"train.batch_size": 8, "train.seq_len": 64, "train.steps": STEPS,
+       "train.warmup_steps": 4, "train.log_every": 1, "train.eval_every": 12,
+       "train.eval_batches": 2, "train.checkpoint_every": 12})
+
+
+def load_demo_config(data_dir, **overrides):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs/demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in {**SMALL, "data.data_dir": str(data_dir), **overrides}.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def train_args(workdir, data_dir, **overrides):
+  values = {**SMALL, "data.data_dir": str(data_dir), **overrides}
+  return ["--config", os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir),
+          *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def run_train(workdir, data_dir, **overrides):
+  return subprocess.run([sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir, **overrides)],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "split" not in r}
+
+
+def restore_params(workdir, config, mesh):
+  tx = optim.make_optimizer(config.train)
+  _, _, _, abstract = train.init_state(config, mesh, tx)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 3)
+  state = ckpt.restore(ckpt.latest_step(), abstract)
+  ckpt.close()
+  return state
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = run_train(workdir, data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_sharded_steps_match_one_device(data_dir):
+  config = load_demo_config(data_dir)
+  batches = [next(it) for it in [pipeline.make_iterator(config, "train")] for _ in range(3)]
+
+  def losses(mesh_sizes, devices):
+    config.mesh.update(mesh_sizes)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    tx = optim.make_optimizer(config.train)
+    graphdef, init_fn, state_sh, _ = train.init_state(config, mesh, tx)
+    step = train.make_train_step(graphdef, tx, config.train, state_sh, sharding.batch_sharding(mesh))
+    state, out = init_fn(), []
+    for batch in batches:
+      state, metrics = step(state, sharding.to_global(batch, sharding.batch_sharding(mesh)))
+      out.append(float(metrics["loss"]))
+    return out, state
+
+  one, state_one = losses(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  eight, state_eight = losses(dict(data=2, fsdp=2, tensor=2), jax.devices())
+  np.testing.assert_allclose(eight, one, rtol=1e-4)
+  assert one[-1] < one[0]
+  w = state_eight["params"]["blocks"][0]["mlp"]["w_gate"][...]
+  assert w.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  np.testing.assert_allclose(w, state_one["params"]["blocks"][0]["mlp"]["w_gate"][...], atol=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir):
+  config = load_demo_config(data_dir)
+  batch = next(pipeline.make_iterator(config, "train"))
+  mesh = sharding.make_mesh(config.mesh)
+  out = []
+  for accum in (1, 2):
+    config.train.grad_accum = accum
+    tx = optim.make_optimizer(config.train)
+    graphdef, init_fn, state_sh, _ = train.init_state(config, mesh, tx)
+    step = train.make_train_step(graphdef, tx, config.train, state_sh, sharding.batch_sharding(mesh))
+    state, metrics = step(init_fn(), sharding.to_global(batch, sharding.batch_sharding(mesh)))
+    out.append((float(metrics["loss"]), state["params"]["embed"][...]))
+  assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+  np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-6)
+
+
+def test_workdir_contract(uninterrupted):
+  for name in ("config.json", "widths.json", "metrics.jsonl"):
+    assert os.path.exists(uninterrupted / name)
+  assert json.loads((uninterrupted / "widths.json").read_text()) == [384, 320, 192, 128]
+  rows = read_metrics(uninterrupted)
+  train_rows = [r for r in rows if "split" not in r]
+  assert {"step", "loss", "learning_rate", "tokens_seen", "tokens_per_sec", "mfu"} <= set(train_rows[0])
+  assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
+  evals = [r for r in rows if r.get("split") == "validation"]
+  assert [r["step"] for r in evals] == [12, 24]
+  assert {"loss", "perplexity", "bits_per_byte"} <= set(evals[0])
+  assert evals[1]["loss"] < evals[0]["loss"]
+  assert os.listdir(uninterrupted / "tensorboard")
+  assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["12", "24"]
+
+
+def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, data_dir, uninterrupted):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir)],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() or len(train_losses(workdir)) < 3:
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, output[-3000:]
+  assert "preempted at step" in output
+  stopped = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3).latest_step()
+  assert 3 <= stopped < STEPS
+
+  resumed = run_train(workdir, data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from step {stopped}" in resumed.stdout
+  want, got = train_losses(uninterrupted), train_losses(workdir)
+  assert got[STEPS] == want[STEPS]
+  assert all(got[s] == want[s] for s in range(stopped + 1, STEPS + 1))
+
+  config = load_demo_config(data_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  a, b = restore_params(uninterrupted, config, mesh), restore_params(workdir, config, mesh)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoint_restores_onto_another_mesh(data_dir, uninterrupted):
+  config = load_demo_config(data_dir)
+  written = restore_params(uninterrupted, config, sharding.make_mesh(config.mesh))
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  moved = restore_params(uninterrupted, config, sharding.make_mesh(config.mesh))
+  w = moved["params"]["blocks"][1]["mlp"]["w_down"][...]
+  assert w.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  for x, y in zip(jax.tree.leaves(written), jax.tree.leaves(moved)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_raising_steps_continues_a_finished_run(tmp_path, data_dir, uninterrupted):
+  import shutil
+
+  workdir = tmp_path / "continued"
+  shutil.copytree(uninterrupted, workdir)
+  result = run_train(workdir, data_dir, **{"train.steps": STEPS + 4})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert max(train_losses(workdir)) == STEPS + 4
+
+
+def test_two_processes_match_one(tmp_path, data_dir, uninterrupted):
+  workdir = tmp_path / "two"
+  code = local.launch(2, 4, train_args(workdir, data_dir))
+  assert code == 0, (workdir / "process_1.log").read_text()[-3000:]
+  want, got = train_losses(uninterrupted), train_losses(workdir)
+  assert sorted(got) == sorted(want)
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, uninterrupted):
+  import shutil
+
+  workdir = tmp_path / "nan"
+  shutil.copytree(uninterrupted, workdir)
+  result = run_train(workdir, data_dir, **{"train.steps": STEPS + 6, "train.learning_rate": 1e30,
+                                           "train.checkpoint_every": 1000})
+  assert result.returncode != 0
+  assert "not finite" in result.stderr and f"last good checkpoint is step {STEPS}" in result.stderr
+  assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 3).latest_step() == STEPS
+
+
+def test_bad_inputs_fail_early_with_the_field(tmp_path, data_dir):
+  config = load_demo_config(data_dir)
+  with pytest.raises(ConfigError, match="mesh.*needs 12 devices but 8"):
+    sharding.make_mesh(dict(data=3, fsdp=2, tensor=2))
+  with pytest.raises(ConfigError, match="train.batch_size=6"):
+    sharding.check_batch(6, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+  missing = run_train(tmp_path / "w", data_dir, **{"data.source": "tfds", "data.name": "no_such_set"})
+  assert missing.returncode != 0 and "data.name" in missing.stderr
+  (tmp_path / "file_not_dir").write_text("")
+  with pytest.raises(ConfigError, match="checkpoint directory"):
+    checkpoint.Checkpointer(str(tmp_path / "file_not_dir"), 1)
+  odd = run_train(tmp_path / "w2", data_dir, **{"train.batch_size": 6})
+  assert odd.returncode != 0 and "train.batch_size=6" in odd.stderr
