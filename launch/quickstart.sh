@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The README's first command: set up, then run the main job on the built-in model.
-# Until the trainer lands (issue: training system) the main job is the taper's
-# per-layer budget table and a forward pass of the tiny tapered decoder.
+# The README's first command: set up, then train the demo (a small cosine-
+# tapered Transformer on the built-in offline corpus), then evaluate it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-CONFIG=${CONFIG:-configs/tlm_transformer.py:tiny}
-.venv/bin/python -m tlm_jax.taper --config "$CONFIG"
-.venv/bin/python -m tlm_jax.model --config "$CONFIG"
+WORKDIR=${WORKDIR:-workdirs/demo}
+.venv/bin/python -m tlm_jax.taper --config configs/demo.py
+.venv/bin/python -m tlm_jax.train --config configs/demo.py --workdir "$WORKDIR" "$@"
+.venv/bin/python -m tlm_jax.evaluate --workdir "$WORKDIR"
+echo "results in $WORKDIR: metrics.jsonl, eval_validation_*.json, checkpoints/, tensorboard/"

@@ -12,7 +12,22 @@ case "${1:-}" in
   *) echo "usage: bash launch/setup.sh [tpu|cuda]" >&2; exit 2 ;;
 esac
 run() { if [ -n "${SETUP_DRY_RUN:-}" ]; then echo "$*"; else "$@"; fi; }
-[ -x .venv/bin/python ] || run "$PYTHON" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  # The pinned stack needs Python 3.11+; Cloud TPU images ship 3.10, so there we add 3.11.
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    if command -v python3.11 >/dev/null; then
+      PYTHON=python3.11
+    elif [ "$EXTRA" = tpu ] && command -v apt-get >/dev/null; then
+      run sudo apt-get update -q
+      run sudo apt-get install -y -q python3.11 python3.11-venv
+      PYTHON=python3.11
+    else
+      echo "tlm_jax needs Python 3.11+ but $PYTHON is older: set PYTHON=/path/to/python3.11" >&2
+      exit 1
+    fi
+  fi
+  run "$PYTHON" -m venv .venv
+fi
 run .venv/bin/python -m pip install -q --upgrade pip
 run .venv/bin/python -m pip install -q -r requirements.txt
 if [ -n "$EXTRA" ]; then

@@ -34,9 +34,9 @@ Choices, and why:
 - Default --runtime_version per generation (Cloud TPU docs, "TPU software
   versions"): v6e -> v2-alpha-tpuv6e, v5p -> v2-alpha-tpuv5, v5e
   (v5litepod-N) -> v2-alpha-tpuv5-lite, v4/v3/v2 -> tpu-ubuntu2204-base.
-  Those images ship Python 3.10, while the pinned stack needs 3.11+: install
-  one on the VM and pass `--python python3.11` to setup/resume, or pick a
-  runtime whose python3 is new enough.
+  Those images ship Python 3.10 while the pinned stack needs 3.11+, so
+  `setup.sh tpu` installs python3.11 from the image's apt repositories when
+  no new enough interpreter is there (or pass `--python` to choose one).
 - --queued uses a queued resource named NAME whose node is also NAME, so
   scp/ssh address it as a plain TPU VM. `create --queued` returns once the
   request is queued (watch `status`); resume waits until it is ACTIVE.

@@ -222,3 +222,16 @@ def test_bad_inputs_fail_early_with_the_field(tmp_path, data_dir):
     checkpoint.Checkpointer(str(tmp_path / "file_not_dir"), 1)
   odd = run_train(tmp_path / "w2", data_dir, **{"train.batch_size": 6})
   assert odd.returncode != 0 and "train.batch_size=6" in odd.stderr
+
+
+def test_evaluate_cli_reports_the_latest_checkpoint(uninterrupted):
+  result = subprocess.run([sys.executable, "-m", "tlm_jax.evaluate", "--workdir", str(uninterrupted)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  assert row["step"] == STEPS and row["split"] == "validation"
+  final_eval = [r for r in read_metrics(uninterrupted) if r.get("split")][-1]
+  assert row["loss"] == pytest.approx(final_eval["loss"], rel=1e-6)
+  assert row["perplexity"] == pytest.approx(np.exp(row["loss"]))
+  assert 0 < row["unigram_bits_per_byte"] < 8 < row["bits_per_byte"] * 2
+  assert json.loads((uninterrupted / f"eval_validation_{STEPS}.json").read_text()) == row

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ def compile_for_topology(config: Any, topology: str, chip_config_name: str | Non
   """Memory analysis of the train step compiled for `topology`, e.g. 'v5e:2x4'."""
   from jax.experimental import topologies
 
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold libtpu
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   kwargs = dict(chip_config_name=chip_config_name) if chip_config_name else {}
@@ -67,7 +69,7 @@ def main(argv: Sequence[str]) -> None:
   report = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _CHIP_CONFIG.value)
   print(json.dumps(report, indent=1))
   if not report["fits"]:
-    print(f"does NOT fit {report['topology']}: shard more (mesh.fsdp=-1, mesh.tensor), "
+    sys.exit(f"does NOT fit {report['topology']}: shard more (mesh.fsdp=-1, mesh.tensor), "
           "lower train.batch_size, raise train.grad_accum or set model.remat=full")
 
 

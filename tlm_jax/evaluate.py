@@ -3,7 +3,9 @@
     python -m tlm_jax.evaluate --workdir DIR [--split validation]
 
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target
-tokens stand for, so byte-level and SentencePiece runs compare.
+tokens stand for, so byte-level and SentencePiece runs compare. The same
+tokens' unigram entropy (`unigram_bits_per_byte`: the best a model blind to
+context could do) is reported beside it as a floor to beat.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from tlm_jax.data import pipeline
 
 
 def make_eval_step(graphdef, bytes_per_token: np.ndarray):
-  """jit: summed loss (nats), target tokens and target bytes of one batch."""
+  """jit: summed loss (nats), target tokens, target bytes and token counts of one batch."""
   bytes_table = jnp.asarray(bytes_per_token, jnp.float32)
+  vocab = bytes_table.shape[0]
 
   @jax.jit
   def step(params, batch):
     logits = nnx.merge(graphdef, params)(batch["inputs"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return dict(loss_sum=loss.sum(), tokens=jnp.asarray(loss.size, jnp.float32),
-                bytes=bytes_table[batch["targets"]].sum())
+                bytes=bytes_table[batch["targets"]].sum(),
+                counts=jnp.zeros(vocab, jnp.float32).at[batch["targets"]].add(1.0))
 
   return step
 
@@ -47,14 +51,16 @@ def evaluate(config: Any, eval_step, params: Any, batch_sh, split: str) -> dict[
   """
   data_iter = pipeline.make_iterator(
       config, split, process_index=jax.process_index(), process_count=jax.process_count())
-  totals = dict(loss_sum=0.0, tokens=0.0, bytes=0.0)
+  totals = dict(loss_sum=0.0, tokens=0.0, bytes=0.0, counts=0.0)
   for local in itertools.islice(data_iter, config.train.eval_batches):
     out = jax.device_get(eval_step(params, sharding.to_global(local, batch_sh)))
-    totals = {k: totals[k] + float(out[k]) for k in totals}
-  loss = totals["loss_sum"] / totals["tokens"]
+    totals = {k: totals[k] + np.asarray(out[k], np.float64) for k in totals}
+  loss = float(totals["loss_sum"] / totals["tokens"])
+  p = totals["counts"][totals["counts"] > 0] / totals["tokens"]
+  unigram_bits = float(-(p * np.log2(p)).sum() * totals["tokens"] / totals["bytes"])
   return dict(loss=loss, perplexity=math.exp(min(loss, 50.0)),
-              bits_per_byte=totals["loss_sum"] / math.log(2) / totals["bytes"],
-              tokens=int(totals["tokens"]))
+              bits_per_byte=float(totals["loss_sum"] / math.log(2) / totals["bytes"]),
+              unigram_bits_per_byte=unigram_bits, tokens=int(totals["tokens"]))
 
 
 def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, Any]:
