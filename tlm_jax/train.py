@@ -205,8 +205,9 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
           mfu=metrics.mfu(flops_per_token, tokens_per_sec, jax.device_count(), peak))
       writer.write(last_train)
       progress.update(step - progress.n)
+      mfu_text = "n/a" if last_train["mfu"] is None else f"{last_train['mfu']:.1%}"
       progress.set_postfix(loss=f"{last_train['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
-                           refresh=False)
+                           mfu=mfu_text, refresh=False)
       window_start, window_steps = time.perf_counter(), 0
     if step % tcfg.eval_every == 0 or last_step:
       last_eval = run_eval(step)
