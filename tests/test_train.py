@@ -205,7 +205,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
   result = run_train(workdir, data_dir, **{"train.steps": STEPS + 6, "train.learning_rate": 1e30,
                                            "train.checkpoint_every": 1000})
   assert result.returncode != 0
-  assert "not finite" in result.stderr and f"last good checkpoint is step {STEPS}" in result.stderr
+  assert "non-finite" in result.stderr and f"last good checkpoint is step {STEPS}" in result.stderr
   assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 3).latest_step() == STEPS
 
 

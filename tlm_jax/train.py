@@ -38,11 +38,12 @@ def init_state(config: Any, mesh: Any, tx: optax.GradientTransformation):
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_sh,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  state_sh = dict(step=replicated, params=param_sh, opt_state=opt_sh)
+  state_sh = dict(step=replicated, bad_steps=replicated, params=param_sh, opt_state=opt_sh)
 
   def init():
     params = nnx.state(lm.build(config))
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return dict(step=jnp.zeros((), jnp.int32), bad_steps=jnp.zeros((), jnp.int32),
+                params=params, opt_state=tx.init(params))
 
   init_fn = jax.jit(init, out_shardings=state_sh)
   abstract = jax.tree.map(
@@ -55,7 +56,8 @@ def make_train_step(graphdef, tx, tcfg: Any, state_sh, batch_sh):
   """jit(loss, grad (accumulated over tcfg.grad_accum microbatches), AdamW), state donated.
 
   A step whose loss or gradient is not finite leaves params and optimizer
-  state untouched and reports ok=False; the loop then stops.
+  state untouched and counts itself in bad_steps; the loop checks that count
+  before logging and saving, and stops.
   """
   accum = tcfg.grad_accum
 
@@ -86,8 +88,9 @@ def make_train_step(graphdef, tx, tcfg: Any, state_sh, batch_sh):
     new = (optax.apply_updates(params, updates), opt_state)
     params, opt_state = jax.tree.map(
         lambda n, o: jnp.where(ok, n, o), new, (params, state["opt_state"]))
-    out = dict(step=state["step"] + 1, params=params, opt_state=opt_state)
-    return out, dict(loss=loss, grad_norm=grad_norm, ok=ok)
+    bad_steps = state["bad_steps"] + (~ok).astype(jnp.int32)
+    out = dict(step=state["step"] + 1, bad_steps=bad_steps, params=params, opt_state=opt_state)
+    return out, dict(loss=loss, grad_norm=grad_norm, bad_steps=bad_steps)
 
   return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                  donate_argnums=0)
@@ -189,13 +192,19 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     step += 1
     window_steps += 1
     last_step = step == tcfg.steps
-    if step % tcfg.log_every == 0 or last_step:
+    log = step % tcfg.log_every == 0 or last_step
+    # Several hosts agree on preemption with a collective, so they ask only when logging.
+    preempted = preemption.agreed() if log or jax.process_count() == 1 else False
+    save = step % tcfg.checkpoint_every == 0 or last_step or preempted
+    if log or save:
       out = jax.device_get(out)
-      if not out["ok"]:
+      if out["bad_steps"]:
         raise FloatingPointError(
-            f"step {step}: loss {out['loss']} / grad norm {out['grad_norm']} is not finite. "
-            f"Stopped without saving; the last good checkpoint is step {ckpt.latest_step()}. "
-            "Lower train.learning_rate or raise train.warmup_steps, then rerun.")
+            f"by step {step}, {out['bad_steps']} step(s) had a non-finite loss or gradient "
+            f"(last loss {out['loss']}). Stopped without saving; the last good checkpoint is "
+            f"step {ckpt.latest_step()}. Lower train.learning_rate or raise "
+            "train.warmup_steps, then rerun.")
+    if log:
       elapsed = time.perf_counter() - window_start
       tokens_per_sec = window_steps * tokens_per_step / elapsed
       last_train = dict(
@@ -211,8 +220,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
       window_start, window_steps = time.perf_counter(), 0
     if step % tcfg.eval_every == 0 or last_step:
       last_eval = run_eval(step)
-    preempted = preemption.agreed()
-    if step % tcfg.checkpoint_every == 0 or last_step or preempted:
+    if save:
       ckpt.save(step, state, data_iter, force=True)
     if preempted:
       ckpt.wait()
