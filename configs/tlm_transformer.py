@@ -10,11 +10,4 @@ from tlm_jax import config as config_lib
 
 
 def get_config(arg=None):
-  scale, taper = config_lib.parse_arg(arg, default_scale="124m")
-  config = config_lib.base_config()
-  config_lib.apply_scale(config, scale)
-  config_lib.apply_taper(config, taper)
-  if scale == "tiny":
-    config.model.dtype = "float32"
-    config.train.seq_len = 128
-  return config
+  return config_lib.experiment(arg, backbone="transformer", default_scale="124m")

@@ -49,6 +49,8 @@ def test_bad_schedule_settings_name_the_field():
     optim.learning_rate_schedule(train_config(warmup_steps=100))
 
 
-def test_weight_decay_skips_norm_scales():
-  params = {"w": jnp.ones((2, 3)), "scale": jnp.ones(3), "kernel": jnp.ones((2, 2, 2))}
-  assert optim.decay_mask(params) == {"w": True, "scale": False, "kernel": True}
+def test_weight_decay_skips_norm_scales_and_biases():
+  params = {"w_q": jnp.ones((2, 3)), "norm": {"scale": jnp.ones(3)}, "b_gate": jnp.ones((2, 2)),
+            "embed": jnp.ones((4, 2))}
+  mask = optim.decay_mask(params)
+  assert mask == {"w_q": True, "norm": {"scale": False}, "b_gate": False, "embed": True}

@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = m = ml_collections.ConfigDict()
-  m.backbone = "transformer"
+  m.backbone = "transformer"  # or gated_attention
+  m.gate = "elementwise"  # gated_attention: headwise | elementwise
   m.vocab_size = 256
   m.d_model = 64
   m.num_layers = 4
@@ -146,3 +147,16 @@ def apply_scale(config: ml_collections.ConfigDict, scale: str) -> None:
 
 def apply_taper(config: ml_collections.ConfigDict, preset: str) -> None:
   config.model.taper.update(TAPERS[preset])
+
+
+def experiment(arg: str | None, backbone: str, default_scale: str) -> ml_collections.ConfigDict:
+  """A backbone at a scale ('SCALE[,TAPER]'); tiny runs in float32 at seq 128 for CPU tests."""
+  scale, taper = parse_arg(arg, default_scale)
+  config = base_config()
+  config.model.backbone = backbone
+  apply_scale(config, scale)
+  apply_taper(config, taper)
+  if scale == "tiny":
+    config.model.dtype = "float32"
+    config.train.seq_len = 128
+  return config

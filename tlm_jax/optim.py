@@ -34,8 +34,13 @@ def learning_rate_schedule(tcfg: Any) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: norm scales and biases (1-D) are excluded."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on weights and embeddings; norm `scale`s and biases (`b_*`) are excluded."""
+
+  def decays(path, _):
+    name = str(next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)))
+    return not (name == "scale" or name.startswith("b_"))
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(tcfg: Any) -> optax.GradientTransformation:

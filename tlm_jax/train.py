@@ -82,7 +82,7 @@ def make_train_step(graphdef, tx, tcfg: Any, state_sh, batch_sh):
       zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       (loss, grads), _ = jax.lax.scan(add, zero, micro)
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new = (optax.apply_updates(params, updates), opt_state)
@@ -119,8 +119,12 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def close(self) -> None:
+    """Give the signals back (train() may run inside a longer-lived program)."""
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
     del frame
@@ -229,6 +233,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
       break
   ckpt.wait()
   ckpt.close()
+  preemption.close()
   progress.close()
   writer.close()
   return dict(train=last_train, eval=last_eval, step=step)

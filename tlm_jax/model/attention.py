@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -36,14 +37,20 @@ class Attention(nnx.Module):
     self.implementation = None if cfg.attention_impl == "xla" else cfg.attention_impl
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
+    return self.project(self.attend(x_BTD, positions_BT))
+
+  def attend(self, x_BTD: Array, positions_BT: Array) -> Array:
+    """Per-head attention outputs (batch, time, heads, head_dim), before w_o."""
     x = x_BTD.astype(self.dtype)
     q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(self.dtype))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_k[...].astype(self.dtype))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_v[...].astype(self.dtype))
     q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
     k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
-    y_BTNH = jax.nn.dot_product_attention(
+    return jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation)
+
+  def project(self, y_BTNH: Array) -> Array:
     return jnp.einsum("btnh,nhd->btd", y_BTNH, self.w_o[...].astype(self.dtype))
 
   @staticmethod
@@ -60,3 +67,48 @@ class Attention(nnx.Module):
     PaLM/MaxText MFU convention), so 12 * seq_len * heads * head_dim.
     """
     return 6 * Attention.param_count(cfg) + 12 * seq_len * cfg.num_heads * head_dim(cfg)
+
+
+GATES = ("headwise", "elementwise")
+
+
+def gate_shape(cfg: Any) -> tuple[int, ...]:
+  return (cfg.num_heads,) if cfg.gate == "headwise" else (cfg.num_heads, head_dim(cfg))
+
+
+class GatedAttention(Attention):
+  """Attention with a sigmoid output gate (Qiu et al. 2025, used in Qwen3-Next).
+
+  y' = y * sigmoid(x W_g + b_g) after scaled-dot-product attention and before
+  w_o, from the same normalised x the queries see; one gate per head
+  (`model.gate='headwise'`) or per channel ('elementwise', the paper's best).
+  The reference code takes the gate logits from extra query-projection
+  columns; ours is a separate w_gate, the same function, named on its own so
+  analyses and checkpoints can find it. b_gate starts at 0 (gates half open).
+  """
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    shape = gate_shape(cfg)
+    axes = ("heads", "head_dim")[:len(shape)]
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.w_gate = param(rngs, (cfg.d_model, *shape), ("embed", *axes), cfg.init_std, pdt)
+    self.b_gate = nnx.Param(jnp.zeros(shape, pdt), logical_axes=axes)
+
+  def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
+    y_BTNH = self.attend(x_BTD, positions_BT)
+    x = x_BTD.astype(self.dtype)
+    logits = jnp.einsum("btd,d...->bt...", x, self.w_gate[...].astype(self.dtype))
+    gate = jax.nn.sigmoid(logits + self.b_gate[...].astype(self.dtype))
+    if gate.ndim == 3:  # headwise: one scalar per head
+      gate = gate[..., None]
+    return self.project(y_BTNH * gate)
+
+  @staticmethod
+  def param_count(cfg: Any) -> int:
+    gates = math.prod(gate_shape(cfg))
+    return Attention.param_count(cfg) + (cfg.d_model + 1) * gates
+
+  @staticmethod
+  def flops_per_token(cfg: Any, seq_len: int) -> int:
+    return Attention.flops_per_token(cfg, seq_len) + 6 * cfg.d_model * math.prod(gate_shape(cfg))

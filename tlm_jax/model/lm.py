@@ -19,7 +19,7 @@ from flax import nnx
 
 from tlm_jax import taper
 from tlm_jax.errors import ConfigError
-from tlm_jax.model.attention import Attention, head_dim
+from tlm_jax.model.attention import GATES, Attention, GatedAttention, head_dim
 from tlm_jax.model.layers import RMSNorm, SwiGLU, param
 
 Array = jax.Array
@@ -27,7 +27,7 @@ Array = jax.Array
 # Token mixers by `model.backbone`. A mixer is built as Mixer(cfg, rngs=...),
 # is called as mixer(x_BTD, positions_BT) and has static param_count(cfg) and
 # flops_per_token(cfg, seq_len) so the taper table can cost it without building.
-MIXERS = {"transformer": Attention}
+MIXERS = {"transformer": Attention, "gated_attention": GatedAttention}
 LAYERS_MODES = ("unrolled", "grouped")
 # Named rematerialisation policies: what a block keeps from the forward pass.
 REMAT_POLICIES = {
@@ -54,6 +54,8 @@ def check_model_config(cfg: Any) -> None:
     raise ConfigError(
         f"model.num_heads={cfg.num_heads} does not divide model.d_model={cfg.d_model}: "
         "choose a head count that divides d_model, or set model.head_dim explicitly")
+  if cfg.backbone == "gated_attention" and cfg.gate not in GATES:
+    raise ConfigError(f"model.gate={cfg.gate!r} is unknown; use one of {GATES}")
   if cfg.num_heads % cfg.num_kv_heads:
     raise ConfigError(
         f"model.num_kv_heads={cfg.num_kv_heads} does not divide model.num_heads="

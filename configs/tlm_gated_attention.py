@@ -1,0 +1,11 @@
+"""Gated Attention (Qiu et al. 2025) with a tapered MLP; elementwise gate by default.
+
+    --config configs/tlm_gated_attention.py:SCALE[,TAPER] [--config.model.gate=headwise]
+SCALE: tiny | 124m | 440m | 760m | 1.3b (default 760m). TAPER as in tlm_transformer.py.
+"""
+
+from tlm_jax import config as config_lib
+
+
+def get_config(arg=None):
+  return config_lib.experiment(arg, backbone="gated_attention", default_scale="760m")

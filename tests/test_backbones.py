@@ -1,0 +1,139 @@
+"""Every backbone: its own reference check, causality, modes, parity, sharding and training."""
+
+import importlib.util
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tlm_jax import optim, sharding, taper, train
+from tlm_jax.metrics import read_metrics
+from tlm_jax.data import pipeline
+from tlm_jax.model import costs, lm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKBONES = {"transformer": "tlm_transformer.py", "gated_attention": "tlm_gated_attention.py"}
+
+
+def load(backbone, arg="tiny"):
+  path = os.path.join(REPO, "configs", BACKBONES[backbone])
+  spec = importlib.util.spec_from_file_location(backbone, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tokens(batch=2, length=16, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256)
+
+
+@pytest.mark.parametrize("gate", ["headwise", "elementwise"])
+def test_gate_saturated_open_equals_plain_attention(gate):
+  gated_cfg = load("gated_attention")
+  gated_cfg.model.gate = gate
+  gated = lm.build(gated_cfg, seed=1)
+  plain = lm.build(load("transformer"), seed=2)
+  for block in gated.blocks:
+    block.mixer.b_gate[...] = jnp.full_like(block.mixer.b_gate[...], 1e4)
+  shared = nnx.state(gated)
+  for block in shared["blocks"].values():
+    del block["mixer"]["w_gate"], block["mixer"]["b_gate"]
+  nnx.update(plain, shared)
+  np.testing.assert_allclose(gated(tokens()), plain(tokens()), atol=1e-5)
+  for block in gated.blocks:  # a closed gate must change the output
+    block.mixer.b_gate[...] = jnp.zeros_like(block.mixer.b_gate[...])
+  assert not np.allclose(gated(tokens()), plain(tokens()), atol=1e-3)
+
+
+@pytest.mark.parametrize("gate", ["headwise", "elementwise"])
+def test_gate_scales_each_head_output_as_written(gate):
+  cfg = load("gated_attention")
+  cfg.model.gate = gate
+  mixer = lm.build(cfg).blocks[0].mixer
+  x = jax.random.normal(jax.random.key(3), (2, 8, cfg.model.d_model))
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  y = mixer.attend(x, positions)
+  g = jax.nn.sigmoid(jnp.einsum("btd,d...->bt...", x, mixer.w_gate[...]) + mixer.b_gate[...])
+  want = jnp.einsum("btnh,nhd->btd", y * (g[..., None] if gate == "headwise" else g),
+                    mixer.w_o[...])
+  np.testing.assert_allclose(mixer(x, positions), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_no_gradient_flows_from_later_tokens(backbone):
+  model = lm.build(load(backbone))
+  x = model.embed_tokens(tokens(1, 12))
+  t = 5
+
+  def loss_at_t(x_BTD):
+    logits = model.unembed(model.trunk(x_BTD))
+    return -jax.nn.log_softmax(logits[0, t])[3]
+
+  grad = jax.grad(loss_at_t)(x)
+  assert jnp.all(grad[0, t + 1:] == 0.0)
+  assert jnp.all(jnp.abs(grad[0, :t + 1]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_unrolled_equals_grouped(backbone):
+  cfg = load(backbone, "tiny,stepped")
+  cfg.model.taper.steps = 2
+  model = lm.build(cfg)
+  unrolled = model(tokens())
+  lm.set_layers_mode(model, "grouped")
+  assert any(len(g) > 1 for g in model.groups)
+  np.testing.assert_allclose(model(tokens()), unrolled, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("arg", ["tiny", "760m", "1.3b"])
+def test_tapered_and_uniform_twins_have_identical_parameter_counts(backbone, arg):
+  cfg = load(backbone, arg)
+  count = lambda c: lm.param_count(nnx.eval_shape(lambda: lm.build(c)))
+  tapered, uniform = count(cfg), count(taper.uniform_twin(cfg))
+  assert tapered == uniform == costs.total_params(cfg.model, taper.widths_from_config(cfg))
+  report = taper.parity_report(cfg)
+  assert report["param_difference"] == 0
+  assert report["flops_per_token"] == report["uniform_flops_per_token"]
+  assert len(set(report["widths"])) > 1
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_eight_devices_match_one(backbone, tmp_path):
+  cfg = load(backbone)
+  cfg.train.update(batch_size=8, seq_len=32, steps=10, warmup_steps=2)
+  cfg.data.data_dir = str(tmp_path)
+  batches = list(itertools.islice(pipeline.make_iterator(cfg, "train"), 2))
+
+  def losses(mesh_sizes, devices):
+    cfg.mesh.update(mesh_sizes)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    tx = optim.make_optimizer(cfg.train)
+    graphdef, init_fn, state_sh, _ = train.init_state(cfg, mesh, tx)
+    step = train.make_train_step(graphdef, tx, cfg.train, state_sh, sharding.batch_sharding(mesh))
+    state, out = init_fn(), []
+    for batch in batches:
+      state, metrics = step(state, sharding.to_global(batch, sharding.batch_sharding(mesh)))
+      out.append(float(metrics["loss"]))
+    return out
+
+  np.testing.assert_allclose(losses(dict(data=2, fsdp=2, tensor=2), jax.devices()),
+                             losses(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]), rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_trains_on_the_builtin_corpus_with_falling_validation_loss(backbone, tmp_path):
+  cfg = load(backbone)
+  cfg.train.update(batch_size=8, seq_len=64, steps=200, warmup_steps=20, learning_rate=3e-3,
+                   log_every=50, eval_every=100, eval_batches=4, checkpoint_every=200)
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  result = train.train(cfg, str(tmp_path / "run"))
+  evals = [r for r in read_metrics(str(tmp_path / "run")) if r.get("split")]
+  assert [r["step"] for r in evals] == [100, 200]
+  assert evals[1]["loss"] < evals[0]["loss"] < np.log(256)
+  assert result["step"] == 200
