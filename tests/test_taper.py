@@ -111,7 +111,7 @@ def test_widths_are_tile_multiples_that_sum_exactly_to_the_budget(case):
 
 @settings(deadline=None, max_examples=150)
 @given(taper_cases())
-def test_repair_keeps_every_width_within_two_tiles_of_the_schedule(case):
+def test_repair_keeps_every_width_within_its_search_window_of_the_schedule(case):
   spec, num_layers, base_width = case
   try:
     widths = taper.layer_widths(spec, num_layers, base_width)
@@ -119,7 +119,10 @@ def test_repair_keeps_every_width_within_two_tiles_of_the_schedule(case):
     return
   ideal, sizes = taper.ideal_widths(spec, num_layers, base_width)
   per_layer_ideal = [w for w, n in zip(ideal, sizes) for _ in range(n)]
-  assert all(abs(w - i) < 2 * spec.tile for w, i in zip(widths, per_layer_ideal))
+  # Two tiles for single layers; stepped groups may move by up to their size more,
+  # so that groups of unequal size can still add up to the budget exactly.
+  window = (max(sizes) + 1) * spec.tile
+  assert all(abs(w - i) < window for w, i in zip(widths, per_layer_ideal))
 
 
 def largest_remainder_units(ideal_units, target):
