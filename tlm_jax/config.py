@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute
   m.param_dtype = "float32"
   m.attention_impl = "xla"  # or "cudnn" on NVIDIA GPUs
+  m.attention_window = 0  # > 0: sliding-window attention of that many tokens
+  m.persistent_tokens = 0  # learned key/value slots every token attends to
   m.layers_mode = "unrolled"  # or "grouped"
   m.remat = "none"  # none | full | dots | dots_no_batch (see model/lm.py)
 

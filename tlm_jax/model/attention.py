@@ -22,7 +22,10 @@ class Attention(nnx.Module):
   """q/k/v projections, RoPE, `jax.nn.dot_product_attention`, output projection.
 
   `cfg.attention_impl` picks the kernel: "xla" runs everywhere, "cudnn" is the
-  fused flash kernel on NVIDIA GPUs (bf16/fp16 only).
+  fused flash kernel on NVIDIA GPUs (bf16/fp16 only). `cfg.attention_window`
+  > 0 makes it sliding-window (each token sees that many, itself included);
+  `cfg.persistent_tokens` > 0 adds learned key/value slots every token sees,
+  with no position (Titans' persistent memory, as keys and values directly).
   """
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
@@ -32,6 +35,11 @@ class Attention(nnx.Module):
     self.w_k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
     self.w_v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
     self.w_o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), output_std(cfg), pdt)
+    self.window, self.persistent = cfg.attention_window, cfg.persistent_tokens
+    if self.persistent:
+      shape, axes = (self.persistent, kv, hd), (None, "kv_heads", "head_dim")
+      self.persistent_k = param(rngs, shape, axes, cfg.init_std, pdt)
+      self.persistent_v = param(rngs, shape, axes, cfg.init_std, pdt)
     self.dtype = jnp.dtype(cfg.dtype)
     self.rope_theta = cfg.rope_theta
     self.implementation = None if cfg.attention_impl == "xla" else cfg.attention_impl
@@ -47,26 +55,52 @@ class Attention(nnx.Module):
     v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_v[...].astype(self.dtype))
     q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
     k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation)
+    if not (self.window or self.persistent):
+      return jax.nn.dot_product_attention(
+          q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation)
+    if self.persistent:
+      slots = (x.shape[0], *self.persistent_k.shape)
+      k_BTKH = jnp.concatenate(
+          [jnp.broadcast_to(self.persistent_k[...].astype(self.dtype), slots), k_BTKH], axis=1)
+      v_BTKH = jnp.concatenate(
+          [jnp.broadcast_to(self.persistent_v[...].astype(self.dtype), slots), v_BTKH], axis=1)
+    mask_TS = attention_mask(x.shape[1], self.persistent, self.window)
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_TS[None, None],
+                                        implementation=self.implementation)
 
   def project(self, y_BTNH: Array) -> Array:
     return jnp.einsum("btnh,nhd->btd", y_BTNH, self.w_o[...].astype(self.dtype))
 
   @staticmethod
+  def projection_params(cfg: Any) -> int:
+    return 2 * cfg.d_model * head_dim(cfg) * (cfg.num_heads + cfg.num_kv_heads)
+
+  @staticmethod
   def param_count(cfg: Any) -> int:
-    hd = head_dim(cfg)
-    return 2 * cfg.d_model * hd * (cfg.num_heads + cfg.num_kv_heads)
+    persistent = 2 * cfg.persistent_tokens * cfg.num_kv_heads * head_dim(cfg)
+    return Attention.projection_params(cfg) + persistent
 
   @staticmethod
   def flops_per_token(cfg: Any, seq_len: int) -> int:
     """Training FLOPs (forward + backward = 3x forward) per token.
 
     Projections: 6 per weight. Scores and weighted values: 2 matmuls of
-    seq_len x head_dim per head, counted without the causal half (the
-    PaLM/MaxText MFU convention), so 12 * seq_len * heads * head_dim.
+    (keys seen) x head_dim per head, counted without the causal half (the
+    PaLM/MaxText MFU convention), so 12 * seen * heads * head_dim, where a
+    query sees seq_len keys (or the window) plus the persistent slots.
     """
-    return 6 * Attention.param_count(cfg) + 12 * seq_len * cfg.num_heads * head_dim(cfg)
+    seen = min(seq_len, cfg.attention_window or seq_len) + cfg.persistent_tokens
+    return 6 * Attention.projection_params(cfg) + 12 * seen * cfg.num_heads * head_dim(cfg)
+
+
+def attention_mask(length: int, persistent: int, window: int) -> Array:
+  """(T, persistent + T) bool: persistent slots always, then causal, within `window` if > 0."""
+  t = jnp.arange(length)[:, None]
+  s = jnp.arange(length)[None, :]
+  visible = s <= t
+  if window:
+    visible &= t - s < window
+  return jnp.concatenate([jnp.ones((length, persistent), bool), visible], axis=1)
 
 
 GATES = ("headwise", "elementwise")

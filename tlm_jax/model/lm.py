@@ -73,6 +73,12 @@ def check_model_config(cfg: Any) -> None:
   for field in ("dtype", "param_dtype"):
     if cfg[field] not in DTYPES:
       raise ConfigError(f"model.{field}={cfg[field]!r} is unknown; use one of {DTYPES}")
+  for field in ("attention_window", "persistent_tokens"):
+    if not (isinstance(cfg[field], int) and cfg[field] >= 0):
+      raise ConfigError(f"model.{field}={cfg[field]!r} must be a non-negative integer")
+  if cfg.attention_impl == "cudnn" and (cfg.attention_window or cfg.persistent_tokens):
+    raise ConfigError("model.attention_impl='cudnn' takes no model.attention_window or "
+                      "model.persistent_tokens here; use attention_impl='xla'")
   if cfg.attention_impl == "cudnn" and cfg.dtype == "float32":
     raise ConfigError("model.attention_impl='cudnn' needs model.dtype bfloat16 or float16")
 
