@@ -16,7 +16,8 @@ from tlm_jax.data import pipeline
 from tlm_jax.model import costs, lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKBONES = {"transformer": "tlm_transformer.py", "gated_attention": "tlm_gated_attention.py"}
+BACKBONES = {"transformer": "tlm_transformer.py", "gated_attention": "tlm_gated_attention.py",
+             "titans": "tlm_titans.py"}
 
 
 def load(backbone, arg="tiny"):
@@ -66,7 +67,7 @@ def test_gate_scales_each_head_output_as_written(gate):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_no_gradient_flows_from_later_tokens(backbone):
   model = lm.build(load(backbone))
-  x = model.embed_tokens(tokens(1, 12))
+  x = model.embed_tokens(tokens(1, 16))
   t = 5
 
   def loss_at_t(x_BTD):
@@ -137,3 +138,19 @@ def test_trains_on_the_builtin_corpus_with_falling_validation_loss(backbone, tmp
   assert [r["step"] for r in evals] == [100, 200]
   assert evals[1]["loss"] < evals[0]["loss"] < np.log(256)
   assert result["step"] == 200
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_titans_variants_build_and_cost_what_they_hold(variant):
+  cfg = load("titans")
+  cfg.model.titans.variant = variant
+  model = lm.build(cfg)
+  assert lm.param_count(model) == costs.total_params(cfg.model, list(model.widths))
+  assert jnp.all(jnp.isfinite(model(tokens(1, 32))))
+
+
+def test_titans_rejects_a_sequence_that_is_not_whole_chunks():
+  from tlm_jax.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="model.titans.chunk_size"):
+    lm.build(load("titans"))(tokens(1, 20))

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = m = ml_collections.ConfigDict()
-  m.backbone = "transformer"  # or gated_attention
+  m.backbone = "transformer"  # or gated_attention, titans
   m.gate = "elementwise"  # gated_attention: headwise | elementwise
   m.vocab_size = 256
   m.d_model = 64
@@ -73,6 +73,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.persistent_tokens = 0  # learned key/value slots every token attends to
   m.layers_mode = "unrolled"  # or "grouped"
   m.remat = "none"  # none | full | dots | dots_no_batch (see model/lm.py)
+
+  # Titans (backbone="titans"); memory sizes and gate ranges are unpublished.
+  m.titans = ml_collections.ConfigDict()
+  m.titans.variant = "mag"  # mag (memory as a gate) | mal (memory as a layer)
+  m.titans.chunk_size = 64  # tokens whose inner gradients share one memory state
+  m.titans.memory_depth = 2  # linear layers in each head's memory MLP
+  m.titans.memory_width = 128  # hidden width of the memory MLP
+  m.titans.max_inner_lr = 0.02  # theta_t = max_inner_lr * sigmoid(.)
 
   m.taper = t = ml_collections.ConfigDict()
   t.schedule = "cosine"

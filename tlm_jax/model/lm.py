@@ -21,13 +21,14 @@ from tlm_jax import taper
 from tlm_jax.errors import ConfigError
 from tlm_jax.model.attention import GATES, Attention, GatedAttention, head_dim
 from tlm_jax.model.layers import RMSNorm, SwiGLU, param
+from tlm_jax.model.titans import VARIANTS, Titans
 
 Array = jax.Array
 
 # Token mixers by `model.backbone`. A mixer is built as Mixer(cfg, rngs=...),
 # is called as mixer(x_BTD, positions_BT) and has static param_count(cfg) and
 # flops_per_token(cfg, seq_len) so the taper table can cost it without building.
-MIXERS = {"transformer": Attention, "gated_attention": GatedAttention}
+MIXERS = {"transformer": Attention, "gated_attention": GatedAttention, "titans": Titans}
 LAYERS_MODES = ("unrolled", "grouped")
 # Named rematerialisation policies: what a block keeps from the forward pass.
 REMAT_POLICIES = {
@@ -56,6 +57,8 @@ def check_model_config(cfg: Any) -> None:
         "choose a head count that divides d_model, or set model.head_dim explicitly")
   if cfg.backbone == "gated_attention" and cfg.gate not in GATES:
     raise ConfigError(f"model.gate={cfg.gate!r} is unknown; use one of {GATES}")
+  if cfg.backbone == "titans":
+    check_titans_config(cfg)
   if cfg.num_heads % cfg.num_kv_heads:
     raise ConfigError(
         f"model.num_kv_heads={cfg.num_kv_heads} does not divide model.num_heads="
@@ -81,6 +84,15 @@ def check_model_config(cfg: Any) -> None:
                       "model.persistent_tokens here; use attention_impl='xla'")
   if cfg.attention_impl == "cudnn" and cfg.dtype == "float32":
     raise ConfigError("model.attention_impl='cudnn' needs model.dtype bfloat16 or float16")
+
+
+def check_titans_config(cfg: Any) -> None:
+  t = cfg.titans
+  if t.variant not in VARIANTS:
+    raise ConfigError(f"model.titans.variant={t.variant!r} is unknown; use one of {VARIANTS}")
+  for field in ("chunk_size", "memory_depth", "memory_width"):
+    if not (isinstance(t[field], int) and t[field] > 0):
+      raise ConfigError(f"model.titans.{field}={t[field]!r} must be a positive integer")
 
 
 class Block(nnx.Module):

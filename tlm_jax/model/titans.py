@@ -22,8 +22,15 @@ attention. Chunks are chained with lax.scan.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from tlm_jax.errors import ConfigError
+from tlm_jax.model.attention import Attention, head_dim
+from tlm_jax.model.layers import output_std, param
 
 Array = jax.Array
 
@@ -118,3 +125,138 @@ def multihead_memory_read(weights0: list[Array], q: Array, k: Array, v: Array, e
   return jax.vmap(per_head, in_axes=(None, 0, 0, 0, 0, 0, 0, None))(
       weights0, q, k, v, eta, theta, alpha, chunk_size)
 
+
+
+VARIANTS = ("mag", "mal")
+
+
+def causal_conv(x_BTHK: Array, kernel_WHK: Array) -> Array:
+  """Depthwise causal convolution over time: y_t = sum_j kernel[j] * x_{t-j}."""
+  width, length = kernel_WHK.shape[0], x_BTHK.shape[1]
+  padded = jnp.pad(x_BTHK, ((0, 0), (width - 1, 0), (0, 0), (0, 0)))
+  return sum(kernel_WHK[j] * padded[:, width - 1 - j:width - 1 - j + length] for j in range(width))
+
+
+def l2_normalize(x: Array) -> Array:
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def memory_shapes(cfg: Any) -> list[tuple[int, int]]:
+  """Per-head memory MLP layers: head_dim -> memory_width -> ... -> head_dim."""
+  hd, width, depth = head_dim(cfg), cfg.titans.memory_width, cfg.titans.memory_depth
+  dims = [hd] + [width] * (depth - 1) + [hd]
+  return list(zip(dims[:-1], dims[1:]))
+
+
+class NeuralMemory(nnx.Module):
+  """Multi-head Titans memory: q/k/v projections, causal conv, gates, chunked memory, output.
+
+  eta (momentum), theta (inner learning rate, at most titans.max_inner_lr)
+  and alpha (forgetting) are sigmoids of per-head linear maps of x_t. The
+  initial memory weights are ordinary parameters, learned by the outer loop.
+  """
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    d, h, hd = cfg.d_model, cfg.num_heads, head_dim(cfg)
+    pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    for name in ("w_q", "w_k", "w_v"):
+      setattr(self, name, param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pdt))
+    for name in ("conv_q", "conv_k", "conv_v"):  # start as identity filters
+      setattr(self, name, nnx.Param(jnp.zeros((4, h, hd), pdt).at[0].set(1.0),
+                                    logical_axes=(None, "heads", "head_dim")))
+    for name in ("w_eta", "w_theta", "w_alpha"):
+      setattr(self, name, param(rngs, (d, h), ("embed", "heads"), std, pdt))
+    # Biases: momentum ~0.5, inner lr ~0.5 * max, forgetting ~0.02 at the start. Within a
+    # chunk the same stale gradient is applied chunk_size times and momentum amplifies it
+    # by 1 / (1 - eta), so a mild start keeps the inner loop from diverging.
+    for name, value in (("b_eta", 0.0), ("b_theta", 0.0), ("b_alpha", -4.0)):
+      setattr(self, name, nnx.Param(jnp.full((h,), value, pdt), logical_axes=("heads",)))
+    self.memory = nnx.List([
+        param(rngs, (h, fan_in, fan_out), ("heads", None, None), fan_in ** -0.5, pdt)
+        for fan_in, fan_out in memory_shapes(cfg)])
+    self.w_o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), output_std(cfg), pdt)
+    self.chunk_size, self.max_inner_lr = cfg.titans.chunk_size, cfg.titans.max_inner_lr
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    if x_BTD.shape[1] % self.chunk_size:
+      raise ConfigError(
+          f"sequence length {x_BTD.shape[1]} is not a multiple of model.titans.chunk_size="
+          f"{self.chunk_size}; change train.seq_len or the chunk size")
+    x = x_BTD.astype(self.dtype)
+
+    def project(w, conv):
+      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))
+      return causal_conv(y, conv[...].astype(self.dtype)).astype(jnp.float32)
+
+    q = l2_normalize(project(self.w_q, self.conv_q))
+    k = l2_normalize(project(self.w_k, self.conv_k))
+    v = project(self.w_v, self.conv_v)
+
+    def gate(w, b):
+      return jax.nn.sigmoid(jnp.einsum("btd,dn->btn", x, w[...].astype(self.dtype))
+                            .astype(jnp.float32) + b[...])
+
+    eta, alpha = gate(self.w_eta, self.b_eta), gate(self.w_alpha, self.b_alpha)
+    theta = self.max_inner_lr * gate(self.w_theta, self.b_theta)
+    weights = [w[...].astype(jnp.float32) for w in self.memory]
+    y = multihead_memory_read(weights, q, k, v, eta, theta, alpha, self.chunk_size)
+    return jnp.einsum("btnh,nhd->btd", y.astype(self.dtype), self.w_o[...].astype(self.dtype))
+
+  @staticmethod
+  def param_count(cfg: Any) -> int:
+    d, h, hd = cfg.d_model, cfg.num_heads, head_dim(cfg)
+    memory = h * sum(a * b for a, b in memory_shapes(cfg))
+    return 4 * d * h * hd + 3 * 4 * h * hd + 3 * (d + 1) * h + memory
+
+  @staticmethod
+  def flops_per_token(cfg: Any, seq_len: int) -> int:
+    """Approximate training FLOPs: projections, plus per head and layer the key
+    pass, its backward, the read and the state update (4 matmuls with the
+    memory weights) and the chunk-quadratic mixing (chunk_size x (in + out))."""
+    del seq_len
+    d, h, hd = cfg.d_model, cfg.num_heads, head_dim(cfg)
+    inner = sum(4 * a * b + 2 * cfg.titans.chunk_size * (a + b) for a, b in memory_shapes(cfg))
+    return 6 * (4 * d * h * hd + 3 * d * h) + 6 * h * inner
+
+
+class Titans(nnx.Module):
+  """A Titans token mixer: neural memory with sliding-window attention.
+
+  mag (memory as a gate): attention and memory read the same input in
+  parallel; a learned per-channel sigmoid gate g(x) mixes them,
+  g * attention + (1 - g) * memory.
+  mal (memory as a layer): the memory's output is added to the stream and
+  attention reads the result: m = memory(x); out = m + attention(x + m).
+  The attention is `Attention` with model.attention_window and
+  model.persistent_tokens (Titans' persistent memory).
+  MAC (memory as context) is not built yet.
+  """
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    self.variant = cfg.titans.variant
+    self.memory = NeuralMemory(cfg, rngs=rngs)
+    self.attention = Attention(cfg, rngs=rngs)
+    if self.variant == "mag":
+      pdt = jnp.dtype(cfg.param_dtype)
+      self.w_mix = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.init_std, pdt)
+      self.b_mix = nnx.Param(jnp.zeros((cfg.d_model,), pdt), logical_axes=(None,))
+
+  def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
+    m_BTD = self.memory(x_BTD)
+    if self.variant == "mal":
+      return m_BTD + self.attention(x_BTD + m_BTD, positions_BT)
+    a_BTD = self.attention(x_BTD, positions_BT)
+    dtype = a_BTD.dtype
+    g = jax.nn.sigmoid(x_BTD.astype(dtype) @ self.w_mix[...].astype(dtype) + self.b_mix[...].astype(dtype))
+    return g * a_BTD + (1 - g) * m_BTD
+
+  @staticmethod
+  def param_count(cfg: Any) -> int:
+    mix = (cfg.d_model + 1) * cfg.d_model if cfg.titans.variant == "mag" else 0
+    return NeuralMemory.param_count(cfg) + Attention.param_count(cfg) + mix
+
+  @staticmethod
+  def flops_per_token(cfg: Any, seq_len: int) -> int:
+    mix = 6 * cfg.d_model * cfg.d_model if cfg.titans.variant == "mag" else 0
+    return NeuralMemory.flops_per_token(cfg, seq_len) + Attention.flops_per_token(cfg, seq_len) + mix
