@@ -7,3 +7,20 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 # libtpu (installed for AOT TPU compiles) otherwise takes a lock that
 # concurrent test subprocesses would fight over.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def run_steps(config, batches, mesh_sizes, devices):
+  """Train steps on a mesh of `devices` shaped by `mesh_sizes`: (losses, final state)."""
+  from tlm_jax import optim, sharding, train
+
+  config.mesh.update(mesh_sizes)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx = optim.make_optimizer(config.train)
+  graphdef, init_fn, state_sh, _ = train.init_state(config, mesh, tx)
+  batch_sh = sharding.batch_sharding(mesh)
+  step = train.make_train_step(graphdef, tx, config.train, state_sh, batch_sh)
+  state, losses = init_fn(), []
+  for batch in batches:
+    state, metrics = step(state, sharding.to_global(batch, batch_sh))
+    losses.append(float(metrics["loss"]))
+  return losses, state

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tlm_jax import optim, sharding, taper, train
+from conftest import run_steps
+from tlm_jax import taper, train
 from tlm_jax.metrics import read_metrics
 from tlm_jax.data import pipeline
 from tlm_jax.model import costs, lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = {"transformer": "tlm_transformer.py", "gated_attention": "tlm_gated_attention.py",
-             "titans": "tlm_titans.py"}
+             "titans": "tlm_titans.py", "hope_attention": "tlm_hope_attention.py"}
 
 
 def load(backbone, arg="tiny"):
@@ -110,20 +111,9 @@ def test_eight_devices_match_one(backbone, tmp_path):
   cfg.data.data_dir = str(tmp_path)
   batches = list(itertools.islice(pipeline.make_iterator(cfg, "train"), 2))
 
-  def losses(mesh_sizes, devices):
-    cfg.mesh.update(mesh_sizes)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    tx = optim.make_optimizer(cfg.train)
-    graphdef, init_fn, state_sh, _ = train.init_state(cfg, mesh, tx)
-    step = train.make_train_step(graphdef, tx, cfg.train, state_sh, sharding.batch_sharding(mesh))
-    state, out = init_fn(), []
-    for batch in batches:
-      state, metrics = step(state, sharding.to_global(batch, sharding.batch_sharding(mesh)))
-      out.append(float(metrics["loss"]))
-    return out
-
-  np.testing.assert_allclose(losses(dict(data=2, fsdp=2, tensor=2), jax.devices()),
-                             losses(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]), rtol=1e-4)
+  eight, _ = run_steps(cfg, batches, dict(data=2, fsdp=2, tensor=2), jax.devices())
+  one, _ = run_steps(cfg, batches, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  np.testing.assert_allclose(eight, one, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from tlm_jax import checkpoint, optim, sharding, train
 from tlm_jax.data import pipeline
@@ -20,6 +19,7 @@ from tlm_jax.metrics import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import local  # noqa: E402  (launch/local.py)
+from conftest import run_steps  # noqa: E402
 
 STEPS = 24
 # A small tapered model, fast on CPU; overrides of configs/demo.py.
@@ -84,20 +84,8 @@ def test_sharded_steps_match_one_device(data_dir):
   config = load_demo_config(data_dir)
   batches = [next(it) for it in [pipeline.make_iterator(config, "train")] for _ in range(3)]
 
-  def losses(mesh_sizes, devices):
-    config.mesh.update(mesh_sizes)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    tx = optim.make_optimizer(config.train)
-    graphdef, init_fn, state_sh, _ = train.init_state(config, mesh, tx)
-    step = train.make_train_step(graphdef, tx, config.train, state_sh, sharding.batch_sharding(mesh))
-    state, out = init_fn(), []
-    for batch in batches:
-      state, metrics = step(state, sharding.to_global(batch, sharding.batch_sharding(mesh)))
-      out.append(float(metrics["loss"]))
-    return out, state
-
-  one, state_one = losses(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  eight, state_eight = losses(dict(data=2, fsdp=2, tensor=2), jax.devices())
+  one, state_one = run_steps(config, batches, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  eight, state_eight = run_steps(config, batches, dict(data=2, fsdp=2, tensor=2), jax.devices())
   np.testing.assert_allclose(eight, one, rtol=1e-4)
   assert one[-1] < one[0]
   w = state_eight["params"]["blocks"][0]["mlp"]["w_gate"][...]
@@ -108,15 +96,11 @@ def test_sharded_steps_match_one_device(data_dir):
 def test_gradient_accumulation_matches_one_big_batch(data_dir):
   config = load_demo_config(data_dir)
   batch = next(pipeline.make_iterator(config, "train"))
-  mesh = sharding.make_mesh(config.mesh)
   out = []
   for accum in (1, 2):
     config.train.grad_accum = accum
-    tx = optim.make_optimizer(config.train)
-    graphdef, init_fn, state_sh, _ = train.init_state(config, mesh, tx)
-    step = train.make_train_step(graphdef, tx, config.train, state_sh, sharding.batch_sharding(mesh))
-    state, metrics = step(init_fn(), sharding.to_global(batch, sharding.batch_sharding(mesh)))
-    out.append((float(metrics["loss"]), state["params"]["embed"][...]))
+    losses, state = run_steps(config, [batch], dict(data=-1, fsdp=1, tensor=1), jax.devices())
+    out.append((losses[0], state["params"]["embed"][...]))
   assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
   np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-6)
 
@@ -210,7 +194,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 
 def test_bad_inputs_fail_early_with_the_field(tmp_path, data_dir):
-  config = load_demo_config(data_dir)
   with pytest.raises(ConfigError, match="mesh.*needs 12 devices but 8"):
     sharding.make_mesh(dict(data=3, fsdp=2, tensor=2))
   with pytest.raises(ConfigError, match="train.batch_size=6"):

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = m = ml_collections.ConfigDict()
-  m.backbone = "transformer"  # or gated_attention, titans
+  m.backbone = "transformer"  # or gated_attention, titans, hope_attention
   m.gate = "elementwise"  # gated_attention: headwise | elementwise
   m.vocab_size = 256
   m.d_model = 64
@@ -81,6 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.titans.memory_depth = 2  # linear layers in each head's memory MLP
   m.titans.memory_width = 128  # hidden width of the memory MLP
   m.titans.max_inner_lr = 0.02  # theta_t = max_inner_lr * sigmoid(.)
+
+  # Hope-attention (backbone="hope_attention"): CMS levels, fastest first. The taper
+  # sizes each layer's whole CMS; width_fractions split it over the levels.
+  m.hope = ml_collections.ConfigDict()
+  m.hope.chunk_sizes = (16, 64, 0)  # tokens between in-context updates; 0: ordinary weights
+  m.hope.width_fractions = (0.25, 0.25, 0.5)
+  m.hope.inner_lrs = (0.01, 0.01, 0.0)
+  m.hope.level_tile = 128  # each level's width is a multiple of this
 
   m.taper = t = ml_collections.ConfigDict()
   t.schedule = "cosine"

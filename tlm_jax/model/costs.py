@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tlm_jax.model.layers import SwiGLU
-from tlm_jax.model.lm import MIXERS
+from tlm_jax.model.lm import MIXERS, mlp_class
 
 
 def mlp_params(cfg: Any, width: int) -> int:
-  return SwiGLU.param_count(cfg, width)
+  return mlp_class(cfg).param_count(cfg, width)
 
 
 def layer_params(cfg: Any, width: int) -> int:
@@ -32,7 +31,7 @@ def total_params(cfg: Any, widths: list[int]) -> int:
 
 
 def layer_flops_per_token(cfg: Any, width: int, seq_len: int) -> int:
-  return MIXERS[cfg.backbone].flops_per_token(cfg, seq_len) + 6 * mlp_params(cfg, width)
+  return MIXERS[cfg.backbone].flops_per_token(cfg, seq_len) + mlp_class(cfg).flops_per_token(cfg, width)
 
 
 def flops_per_token(cfg: Any, widths: list[int], seq_len: int) -> int:

@@ -75,3 +75,7 @@ class SwiGLU(nnx.Module):
   @staticmethod
   def param_count(cfg: Any, width: int) -> int:
     return 3 * cfg.d_model * width
+
+  @staticmethod
+  def flops_per_token(cfg: Any, width: int) -> int:
+    return 6 * SwiGLU.param_count(cfg, width)

@@ -21,6 +21,7 @@ from tlm_jax import taper
 from tlm_jax.errors import ConfigError
 from tlm_jax.model.attention import GATES, Attention, GatedAttention, head_dim
 from tlm_jax.model.layers import RMSNorm, SwiGLU, param
+from tlm_jax.model.hope import CMS
 from tlm_jax.model.titans import VARIANTS, Titans
 
 Array = jax.Array
@@ -28,7 +29,15 @@ Array = jax.Array
 # Token mixers by `model.backbone`. A mixer is built as Mixer(cfg, rngs=...),
 # is called as mixer(x_BTD, positions_BT) and has static param_count(cfg) and
 # flops_per_token(cfg, seq_len) so the taper table can cost it without building.
-MIXERS = {"transformer": Attention, "gated_attention": GatedAttention, "titans": Titans}
+MIXERS = {"transformer": Attention, "gated_attention": GatedAttention, "titans": Titans,
+          "hope_attention": Attention}
+# The per-layer MLP (the part the taper sizes): SwiGLU, or Hope's CMS.
+MLPS = {"hope_attention": CMS}
+
+
+def mlp_class(cfg: Any) -> type:
+  """Has param_count(cfg, width) and flops_per_token(cfg, width) like the mixers."""
+  return MLPS.get(cfg.backbone, SwiGLU)
 LAYERS_MODES = ("unrolled", "grouped")
 # Named rematerialisation policies: what a block keeps from the forward pass.
 REMAT_POLICIES = {
@@ -59,6 +68,8 @@ def check_model_config(cfg: Any) -> None:
     raise ConfigError(f"model.gate={cfg.gate!r} is unknown; use one of {GATES}")
   if cfg.backbone == "titans":
     check_titans_config(cfg)
+  if cfg.backbone == "hope_attention":
+    check_hope_config(cfg)
   if cfg.num_heads % cfg.num_kv_heads:
     raise ConfigError(
         f"model.num_kv_heads={cfg.num_kv_heads} does not divide model.num_heads="
@@ -95,6 +106,18 @@ def check_titans_config(cfg: Any) -> None:
       raise ConfigError(f"model.titans.{field}={t[field]!r} must be a positive integer")
 
 
+def check_hope_config(cfg: Any) -> None:
+  h = cfg.hope
+  sizes, fractions, lrs = tuple(h.chunk_sizes), tuple(h.width_fractions), tuple(h.inner_lrs)
+  if not len(sizes) == len(fractions) == len(lrs) >= 1:
+    raise ConfigError("model.hope.chunk_sizes, width_fractions and inner_lrs need one entry "
+                      f"per level; got {sizes}, {fractions}, {lrs}")
+  if any(not isinstance(c, int) or c < 0 for c in sizes):
+    raise ConfigError(f"model.hope.chunk_sizes={sizes} must be integers >= 0 (0: ordinary weights)")
+  if min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+    raise ConfigError(f"model.hope.width_fractions={fractions} must be positive and sum to 1")
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU_width(norm(x))."""
 
@@ -103,7 +126,7 @@ class Block(nnx.Module):
     self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.mixer = MIXERS[cfg.backbone](cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-    self.mlp = SwiGLU(cfg, width, rngs=rngs)
+    self.mlp = mlp_class(cfg)(cfg, width, rngs=rngs)
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
     x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), positions_BT)
