@@ -12,8 +12,8 @@ from flax import nnx
 
 from conftest import run_steps
 from tlm_jax import taper, train
-from tlm_jax.metrics import read_metrics
 from tlm_jax.data import pipeline
+from tlm_jax.metrics import read_metrics
 from tlm_jax.model import costs, lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

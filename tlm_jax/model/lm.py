@@ -20,8 +20,8 @@ from flax import nnx
 from tlm_jax import taper
 from tlm_jax.errors import ConfigError
 from tlm_jax.model.attention import GATES, Attention, GatedAttention, head_dim
-from tlm_jax.model.layers import RMSNorm, SwiGLU, param
 from tlm_jax.model.hope import CMS
+from tlm_jax.model.layers import RMSNorm, SwiGLU, param
 from tlm_jax.model.titans import VARIANTS, Titans
 
 Array = jax.Array
@@ -38,6 +38,8 @@ MLPS = {"hope_attention": CMS}
 def mlp_class(cfg: Any) -> type:
   """Has param_count(cfg, width) and flops_per_token(cfg, width) like the mixers."""
   return MLPS.get(cfg.backbone, SwiGLU)
+
+
 LAYERS_MODES = ("unrolled", "grouped")
 # Named rematerialisation policies: what a block keeps from the forward pass.
 REMAT_POLICIES = {
