@@ -178,30 +178,51 @@ class NeuralMemory(nnx.Module):
     self.chunk_size, self.max_inner_lr = cfg.titans.chunk_size, cfg.titans.max_inner_lr
     self.dtype = jnp.dtype(cfg.dtype)
 
-  def __call__(self, x_BTD: Array) -> Array:
-    if x_BTD.shape[1] % self.chunk_size:
+  def check_length(self, length: int) -> None:
+    if length % self.chunk_size:
       raise ConfigError(
-          f"sequence length {x_BTD.shape[1]} is not a multiple of model.titans.chunk_size="
+          f"sequence length {length} is not a multiple of model.titans.chunk_size="
           f"{self.chunk_size}; change train.seq_len or the chunk size")
+
+  def project(self, x_BTD: Array, name: str, tail_BWHK: Array | None = None) -> tuple[Array, Array]:
+    """x W_name through the causal conv (q and k L2-normalised), float32 (B, T, H, K).
+
+    tail: the 3 pre-conv rows before x (a previous segment's), zeros if None.
+    Returns the result and the new tail (the last 3 pre-conv rows).
+    """
+    kernel = getattr(self, f"conv_{name}")[...].astype(self.dtype)
+    y = jnp.einsum("btd,dnh->btnh", x_BTD.astype(self.dtype),
+                   getattr(self, f"w_{name}")[...].astype(self.dtype))
+    width = kernel.shape[0] - 1
+    if tail_BWHK is None:
+      tail_BWHK = jnp.zeros((y.shape[0], width, *y.shape[2:]), y.dtype)
+    full = jnp.concatenate([tail_BWHK.astype(y.dtype), y], axis=1)
+    out = causal_conv(full, kernel)[:, width:].astype(jnp.float32)
+    return (out if name == "v" else l2_normalize(out)), full[:, -width:]
+
+  def gates(self, x_BTD: Array) -> tuple[Array, Array, Array]:
+    """eta, theta, alpha, float32 (B, T, H)."""
     x = x_BTD.astype(self.dtype)
 
-    def project(w, conv):
-      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))
-      return causal_conv(y, conv[...].astype(self.dtype)).astype(jnp.float32)
-
-    q = l2_normalize(project(self.w_q, self.conv_q))
-    k = l2_normalize(project(self.w_k, self.conv_k))
-    v = project(self.w_v, self.conv_v)
-
     def gate(w, b):
-      return jax.nn.sigmoid(jnp.einsum("btd,dn->btn", x, w[...].astype(self.dtype))
-                            .astype(jnp.float32) + b[...])
+      logits = jnp.einsum("btd,dn->btn", x, w[...].astype(self.dtype)).astype(jnp.float32)
+      return jax.nn.sigmoid(logits + b[...])
 
-    eta, alpha = gate(self.w_eta, self.b_eta), gate(self.w_alpha, self.b_alpha)
-    theta = self.max_inner_lr * gate(self.w_theta, self.b_theta)
-    weights = [w[...].astype(jnp.float32) for w in self.memory]
-    y = multihead_memory_read(weights, q, k, v, eta, theta, alpha, self.chunk_size)
-    return jnp.einsum("btnh,nhd->btd", y.astype(self.dtype), self.w_o[...].astype(self.dtype))
+    return (gate(self.w_eta, self.b_eta), self.max_inner_lr * gate(self.w_theta, self.b_theta),
+            gate(self.w_alpha, self.b_alpha))
+
+  def initial_weights(self) -> list[Array]:
+    return [w[...].astype(jnp.float32) for w in self.memory]
+
+  def output(self, y_BTHK: Array) -> Array:
+    return jnp.einsum("btnh,nhd->btd", y_BTHK.astype(self.dtype), self.w_o[...].astype(self.dtype))
+
+  def __call__(self, x_BTD: Array) -> Array:
+    self.check_length(x_BTD.shape[1])
+    (q, _), (k, _), (v, _) = (self.project(x_BTD, n) for n in ("q", "k", "v"))
+    y = multihead_memory_read(self.initial_weights(), q, k, v, *self.gates(x_BTD),
+                              self.chunk_size)
+    return self.output(y)
 
   @staticmethod
   def param_count(cfg: Any) -> int:
