@@ -49,24 +49,35 @@ class Attention(nnx.Module):
 
   def attend(self, x_BTD: Array, positions_BT: Array) -> Array:
     """Per-head attention outputs (batch, time, heads, head_dim), before w_o."""
-    x = x_BTD.astype(self.dtype)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(self.dtype))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_k[...].astype(self.dtype))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", x, self.w_v[...].astype(self.dtype))
-    q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
-    k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
     if not (self.window or self.persistent):
+      q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, x_BTD, positions_BT, positions_BT)
       return jax.nn.dot_product_attention(
           q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation)
+    return self.attend_context(x_BTD, x_BTD, positions_BT, positions_BT,
+                               attention_mask(x_BTD.shape[1], 0, self.window))
+
+  def attend_context(self, x_BTD: Array, context_BSD: Array, positions_BT: Array,
+                     context_positions_BS: Array, mask_TS: Array) -> Array:
+    """Queries from x, keys and values from `context` (plus the persistent slots, always
+    visible); mask_TS says which context tokens each query sees."""
+    q_BTNH, k_BSKH, v_BSKH = self._qkv(x_BTD, context_BSD, positions_BT, context_positions_BS)
     if self.persistent:
-      slots = (x.shape[0], *self.persistent_k.shape)
-      k_BTKH = jnp.concatenate(
-          [jnp.broadcast_to(self.persistent_k[...].astype(self.dtype), slots), k_BTKH], axis=1)
-      v_BTKH = jnp.concatenate(
-          [jnp.broadcast_to(self.persistent_v[...].astype(self.dtype), slots), v_BTKH], axis=1)
-    mask_TS = attention_mask(x.shape[1], self.persistent, self.window)
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_TS[None, None],
+      slots = (x_BTD.shape[0], *self.persistent_k.shape)
+      k_BSKH = jnp.concatenate(
+          [jnp.broadcast_to(self.persistent_k[...].astype(self.dtype), slots), k_BSKH], axis=1)
+      v_BSKH = jnp.concatenate(
+          [jnp.broadcast_to(self.persistent_v[...].astype(self.dtype), slots), v_BSKH], axis=1)
+      mask_TS = jnp.concatenate([jnp.ones((mask_TS.shape[0], self.persistent), bool), mask_TS], 1)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_TS[None, None],
                                         implementation=self.implementation)
+
+  def _qkv(self, x_BTD, context_BSD, positions_BT, context_positions_BS):
+    x, c = x_BTD.astype(self.dtype), context_BSD.astype(self.dtype)
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(self.dtype))
+    k_BSKH = jnp.einsum("bsd,dkh->bskh", c, self.w_k[...].astype(self.dtype))
+    v_BSKH = jnp.einsum("bsd,dkh->bskh", c, self.w_v[...].astype(self.dtype))
+    return (rope(q_BTNH, positions_BT, self.rope_theta),
+            rope(k_BSKH, context_positions_BS, self.rope_theta), v_BSKH)
 
   def project(self, y_BTNH: Array) -> Array:
     return jnp.einsum("btnh,nhd->btd", y_BTNH, self.w_o[...].astype(self.dtype))
