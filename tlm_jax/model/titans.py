@@ -127,7 +127,7 @@ def multihead_memory_read(weights0: list[Array], q: Array, k: Array, v: Array, e
 
 
 
-VARIANTS = ("mag", "mal")
+VARIANTS = ("mag", "mal", "mac")
 
 
 def causal_conv(x_BTHK: Array, kernel_WHK: Array) -> Array:
@@ -249,9 +249,16 @@ class Titans(nnx.Module):
   g * attention + (1 - g) * memory.
   mal (memory as a layer): the memory's output is added to the stream and
   attention reads the result: m = memory(x); out = m + attention(x + m).
-  The attention is `Attention` with model.attention_window and
+  mac (memory as context): segments of titans.chunk_size tokens, in order.
+  For segment i, with the memory as left by segments < i:
+    h = memory read of the segment's queries (no update yet), projected to d;
+    y = attention of the segment's tokens over [persistent | h | segment]
+        (token t sees the persistent slots and h_s, x_s for s <= t in its
+        segment: attention is segment-local, the memory carries the past);
+    the memory then takes its chunk step on keys/values/gates of y, and
+    out = y + memory read of y's queries (the paper's y (x) M(y), as a sum).
+  The attention is `Attention` with model.attention_window (mag, mal) and
   model.persistent_tokens (Titans' persistent memory).
-  MAC (memory as context) is not built yet.
   """
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
@@ -264,6 +271,8 @@ class Titans(nnx.Module):
       self.b_mix = nnx.Param(jnp.zeros((cfg.d_model,), pdt), logical_axes=(None,))
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
+    if self.variant == "mac":
+      return self.memory_as_context(x_BTD, positions_BT)
     m_BTD = self.memory(x_BTD)
     if self.variant == "mal":
       return m_BTD + self.attention(x_BTD + m_BTD, positions_BT)
@@ -272,6 +281,39 @@ class Titans(nnx.Module):
     g = jax.nn.sigmoid(x_BTD.astype(dtype) @ self.w_mix[...].astype(dtype) + self.b_mix[...].astype(dtype))
     return g * a_BTD + (1 - g) * m_BTD
 
+  def memory_as_context(self, x_BTD: Array, positions_BT: Array) -> Array:
+    mem, size = self.memory, self.memory.chunk_size
+    mem.check_length(x_BTD.shape[1])
+    batch, length, dim = x_BTD.shape
+    q_BTHK, _ = mem.project(x_BTD, "q")
+    weights = [jnp.broadcast_to(w, (batch, *w.shape)) for w in mem.initial_weights()]
+    tails = {n: jnp.zeros((batch, 3, *q_BTHK.shape[2:]), self.memory.dtype) for n in "qkv"}
+    causal = jnp.tril(jnp.ones((size, size), bool))
+    mask_CS = jnp.concatenate([causal, causal], axis=1)  # [h | segment]
+    read = jax.vmap(jax.vmap(mlp_apply, in_axes=(0, 1), out_axes=1))
+    chunk_step = jax.vmap(jax.vmap(memory_chunk, in_axes=(0, (1,) * 6), out_axes=(0, 1)))
+
+    def segment(carry, seg):
+      weights, surprise, tails = carry
+      x_BCD, q_BCHK, pos_BC = seg
+      h_BCD = mem.output(read(weights, q_BCHK))
+      y_BCNH = self.attention.attend_context(
+          x_BCD, jnp.concatenate([h_BCD, x_BCD], 1), pos_BC,
+          jnp.concatenate([pos_BC, pos_BC], 1), mask_CS)
+      y_BCD = self.attention.project(y_BCNH)
+      projected = {n: mem.project(y_BCD, n, tails[n]) for n in "qkv"}
+      chunk = tuple(projected[n][0] for n in "qkv") + mem.gates(y_BCD)
+      (weights, surprise), out_BCHK = chunk_step((weights, surprise), chunk)
+      tails = {n: projected[n][1] for n in "qkv"}
+      return (weights, surprise, tails), y_BCD + mem.output(out_BCHK)
+
+    def by_segment(a):
+      return jnp.moveaxis(a.reshape(batch, length // size, size, *a.shape[2:]), 1, 0)
+
+    carry = (weights, [jnp.zeros_like(w) for w in weights], tails)
+    _, out = jax.lax.scan(segment, carry, tuple(map(by_segment, (x_BTD, q_BTHK, positions_BT))))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, length, dim)
+
   @staticmethod
   def param_count(cfg: Any) -> int:
     mix = (cfg.d_model + 1) * cfg.d_model if cfg.titans.variant == "mag" else 0
@@ -279,5 +321,12 @@ class Titans(nnx.Module):
 
   @staticmethod
   def flops_per_token(cfg: Any, seq_len: int) -> int:
+    """MAG adds its gate; MAC attends within a segment over [h | segment] and reads
+    the memory twice (h and the output), counted as a second memory pass."""
+    memory = NeuralMemory.flops_per_token(cfg, seq_len)
+    if cfg.titans.variant == "mac":
+      seen = 2 * cfg.titans.chunk_size + cfg.persistent_tokens
+      attention = 6 * Attention.projection_params(cfg) + 12 * seen * cfg.num_heads * head_dim(cfg)
+      return 2 * memory + attention
     mix = 6 * cfg.d_model * cfg.d_model if cfg.titans.variant == "mag" else 0
-    return NeuralMemory.flops_per_token(cfg, seq_len) + Attention.flops_per_token(cfg, seq_len) + mix
+    return memory + Attention.flops_per_token(cfg, seq_len) + mix
