@@ -11,14 +11,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 def run_steps(config, batches, mesh_sizes, devices):
   """Train steps on a mesh of `devices` shaped by `mesh_sizes`: (losses, final state)."""
-  from tlm_jax import optim, sharding, train
+  from tlm_jax import sharding, train
 
   config.mesh.update(mesh_sizes)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  tx = optim.make_optimizer(config.train)
-  graphdef, init_fn, state_sh, _ = train.init_state(config, mesh, tx)
-  batch_sh = sharding.batch_sharding(mesh)
-  step = train.make_train_step(graphdef, tx, config.train, state_sh, batch_sh)
+  _, init_fn, step, _, batch_sh = train.setup(config, sharding.make_mesh(config.mesh, devices))
   state, losses = init_fn(), []
   for batch in batches:
     state, metrics = step(state, sharding.to_global(batch, batch_sh))

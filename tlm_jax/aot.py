@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tlm_jax import optim, sharding, train
+from tlm_jax import sharding, train
 
 GiB = 2**30
 # HBM per chip (bytes) by topology prefix.
@@ -40,17 +40,15 @@ def compile_for_topology(config: Any, topology: str, chip_config_name: str | Non
   mesh = jax.sharding.Mesh(mesh.devices, sharding.MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
   train.check_config(config, mesh)
-  tx = optim.make_optimizer(config.train)
-  graphdef, _, state_sh, abstract_state = train.init_state(config, mesh, tx)
-  batch_sh = sharding.batch_sharding(mesh)
-  step = train.make_train_step(graphdef, tx, config.train, state_sh, batch_sh)
+  parts = train.setup(config, mesh)
   tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32,
-                                sharding=batch_sh)
+                                sharding=parts.batch_sh)
   hbm = next((v for k, v in HBM_PER_CHIP.items() if topology.startswith(k)), None)
   report = dict(topology=topology, chips=len(topo.devices),
                 mesh=dict(zip(sharding.MESH_AXES, shape)), hbm_per_chip_gib=hbm and hbm / GiB)
   try:
-    compiled = step.lower(abstract_state, dict(inputs=tokens, targets=tokens)).compile()
+    compiled = parts.train_step.lower(
+        parts.abstract_state, dict(inputs=tokens, targets=tokens)).compile()
   except Exception as e:  # XLA reports an impossible fit as RESOURCE_EXHAUSTED at compile time
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tlm_jax import metrics, optim, sharding, taper, train
+from tlm_jax import metrics, sharding, taper, train
 from tlm_jax.model import costs
 
 
@@ -28,10 +28,7 @@ def measure(config: Any, steps: int) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   train.check_config(config, mesh)
   tcfg = config.train
-  tx = optim.make_optimizer(tcfg)
-  graphdef, init_fn, state_sh, abstract = train.init_state(config, mesh, tx)
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = train.make_train_step(graphdef, tx, tcfg, state_sh, batch_sh)
+  _, init_fn, step_fn, abstract, batch_sh = train.setup(config, mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, config.model.vocab_size, (tcfg.batch_size, tcfg.seq_len), np.int32)
   batch = sharding.to_global(dict(inputs=tokens, targets=tokens), batch_sh)

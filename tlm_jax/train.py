@@ -12,8 +12,8 @@ import json
 import os
 import signal
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,23 @@ def init_state(config: Any, mesh: Any, tx: optax.GradientTransformation):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       jax.eval_shape(init), state_sh)
   return graphdef, init_fn, state_sh, abstract
+
+
+class Setup(NamedTuple):
+  graphdef: Any
+  init_fn: Callable[[], dict]
+  train_step: Callable
+  abstract_state: Any  # ShapeDtypeStructs with this mesh's shardings
+  batch_sh: NamedSharding
+
+
+def setup(config: Any, mesh: Any) -> Setup:
+  """The model graph, a sharded state init and the jitted train step on `mesh`."""
+  tx = optim.make_optimizer(config.train)
+  graphdef, init_fn, state_sh, abstract_state = init_state(config, mesh, tx)
+  batch_sh = sharding.batch_sharding(mesh)
+  step = make_train_step(graphdef, tx, config.train, state_sh, batch_sh)
+  return Setup(graphdef, init_fn, step, abstract_state, batch_sh)
 
 
 def make_train_step(graphdef, tx, tcfg: Any, state_sh, batch_sh):
@@ -150,11 +167,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   if is_main:
     write_run_files(config, workdir, widths)
 
-  tx = optim.make_optimizer(tcfg)
   lr_at = optim.learning_rate_schedule(tcfg)
-  graphdef, init_fn, state_sh, abstract_state = init_state(config, mesh, tx)
-  batch_sh = sharding.batch_sharding(mesh)
-  train_step = make_train_step(graphdef, tx, tcfg, state_sh, batch_sh)
+  graphdef, init_fn, train_step, abstract_state, batch_sh = setup(config, mesh)
   tokenizer = tokenizers.make_tokenizer(config.data)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(

@@ -95,7 +95,6 @@ class CMS(nnx.Module):
           param(rngs, (w, d), ("mlp", "embed"), output_std(cfg), pdt)]))
       if self.chunk_sizes[level]:
         self.values.append(param(rngs, (d, d), ("embed", None), d ** -0.5, pdt))
-    self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x_BTD: Array) -> Array:
     """The CMS's contribution: sum of the levels' residual updates."""
