@@ -8,4 +8,5 @@ from tlm_jax import config as config_lib
 
 
 def get_config(arg=None):
-  return config_lib.experiment(arg, backbone="gated_attention", default_scale="760m")
+  scale, taper = config_lib.parse_arg(arg, default_scale="760m")
+  return config_lib.experiment(scale, taper, backbone="gated_attention")

@@ -12,11 +12,12 @@ from tlm_jax import config as config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.experiment(arg, backbone="hope_attention", default_scale="760m")
+  scale, taper = config_lib.parse_arg(arg, default_scale="760m")
+  config = config_lib.experiment(scale, taper, backbone="hope_attention")
   m = config.model
   m.hope.level_tile = m.taper.tile
   m.taper.tile = 4 * m.hope.level_tile
   m.mlp_width = -(-m.mlp_width // m.taper.tile) * m.taper.tile
-  if m.d_model <= 64:  # tiny: short chunks for short CPU sequences
+  if scale == "tiny":  # short chunks for short CPU sequences
     m.hope.chunk_sizes = (8, 16, 0)
   return config

@@ -9,10 +9,11 @@ from tlm_jax import config as config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.experiment(arg, backbone="titans", default_scale="760m")
-  tiny = config.model.d_model <= 64
-  config.model.attention_window = 16 if tiny else 512
-  config.model.persistent_tokens = 4 if tiny else 16
-  config.model.titans.chunk_size = 16 if tiny else 64
-  config.model.titans.memory_width = 32 if tiny else 4 * (config.model.d_model // config.model.num_heads)
+  scale, taper = config_lib.parse_arg(arg, default_scale="760m")
+  config = config_lib.experiment(scale, taper, backbone="titans")
+  m, tiny = config.model, scale == "tiny"
+  m.attention_window = 16 if tiny else 512
+  m.persistent_tokens = 4 if tiny else 16
+  m.titans.chunk_size = 16 if tiny else 64
+  m.titans.memory_width = 32 if tiny else 4 * (m.d_model // m.num_heads)
   return config

@@ -10,4 +10,5 @@ from tlm_jax import config as config_lib
 
 
 def get_config(arg=None):
-  return config_lib.experiment(arg, backbone="transformer", default_scale="124m")
+  scale, taper = config_lib.parse_arg(arg, default_scale="124m")
+  return config_lib.experiment(scale, taper, backbone="transformer")

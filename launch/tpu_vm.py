@@ -65,9 +65,15 @@ REMOTE_TARBALL = "tlm_jax.tar.gz"  # in the remote home
 LOG = "~/tlm_jax_train.log"
 PIDFILE = "~/tlm_jax_train.pid"
 PACK_FILES = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
-RUNTIMES = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
-            "v5e": "v2-alpha-tpuv5-lite", "v4": "tpu-ubuntu2204-base",
-            "v3": "tpu-ubuntu2204-base", "v2": "tpu-ubuntu2204-base"}
+RUNTIMES = {
+  "v6e": "v2-alpha-tpuv6e",
+  "v5p": "v2-alpha-tpuv5",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v5e": "v2-alpha-tpuv5-lite",
+  "v4": "tpu-ubuntu2204-base",
+  "v3": "tpu-ubuntu2204-base",
+  "v2": "tpu-ubuntu2204-base",
+}
 NODE_GONE = ("PREEMPTED", "TERMINATED")
 QUEUED_GONE = ("SUSPENDED", "SUSPENDING", "FAILED")
 QUEUED_PENDING = ("CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING")
@@ -76,13 +82,16 @@ NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 # ---- commands as lists (pure) ----
 
+
 def runtime_version(args: argparse.Namespace) -> str:
   if args.runtime_version:
     return args.runtime_version
   generation = args.accelerator_type.rsplit("-", 1)[0]
   if generation not in RUNTIMES:
-    raise SystemExit(f"error: no default runtime for --accelerator_type={args.accelerator_type}; "
-                     "pass --runtime_version")
+    raise SystemExit(
+      f"error: no default runtime for --accelerator_type={args.accelerator_type}; "
+      "pass --runtime_version"
+    )
   return RUNTIMES[generation]
 
 
@@ -98,11 +107,26 @@ def _where(args: argparse.Namespace) -> list[str]:
 
 def create_cmd(args: argparse.Namespace) -> list[str]:
   if args.queued:
-    cmd = [*TPUS, "queued-resources", "create", args.name, f"--node-id={args.name}", *_where(args),
-           f"--accelerator-type={args.accelerator_type}", f"--runtime-version={runtime_version(args)}"]
+    cmd = [
+      *TPUS,
+      "queued-resources",
+      "create",
+      args.name,
+      f"--node-id={args.name}",
+      *_where(args),
+      f"--accelerator-type={args.accelerator_type}",
+      f"--runtime-version={runtime_version(args)}",
+    ]
   else:
-    cmd = [*TPUS, "tpu-vm", "create", args.name, *_where(args),
-           f"--accelerator-type={args.accelerator_type}", f"--version={runtime_version(args)}"]
+    cmd = [
+      *TPUS,
+      "tpu-vm",
+      "create",
+      args.name,
+      *_where(args),
+      f"--accelerator-type={args.accelerator_type}",
+      f"--version={runtime_version(args)}",
+    ]
   return cmd + (["--spot"] if args.spot else [])
 
 
@@ -114,14 +138,27 @@ def delete_cmd(args: argparse.Namespace) -> list[str]:
 
 def status_cmd(args: argparse.Namespace) -> list[str]:
   if args.queued:
-    return [*TPUS, "queued-resources", "describe", args.name, *_where(args),
-            "--format=value(state.state)"]
+    return [
+      *TPUS,
+      "queued-resources",
+      "describe",
+      args.name,
+      *_where(args),
+      "--format=value(state.state)",
+    ]
   return [*TPUS, "tpu-vm", "describe", args.name, *_where(args), "--format=value(state)"]
 
 
 def ssh_cmd(args: argparse.Namespace, worker: str, command: str) -> list[str]:
-  return [*TPUS, "tpu-vm", "ssh", args.name, *_where(args), f"--worker={worker}",
-          f"--command={command}"]
+  return [
+    *TPUS,
+    "tpu-vm",
+    "ssh",
+    args.name,
+    *_where(args),
+    f"--worker={worker}",
+    f"--command={command}",
+  ]
 
 
 def local_tarball(name: str) -> str:
@@ -129,19 +166,38 @@ def local_tarball(name: str) -> str:
 
 
 def scp_cmd(args: argparse.Namespace) -> list[str]:
-  return [*TPUS, "tpu-vm", "scp", local_tarball(args.name), f"{args.name}:{REMOTE_TARBALL}",
-          *_where(args), "--worker=all"]
+  return [
+    *TPUS,
+    "tpu-vm",
+    "scp",
+    local_tarball(args.name),
+    f"{args.name}:{REMOTE_TARBALL}",
+    *_where(args),
+    "--worker=all",
+  ]
 
 
 def setup_cmd(args: argparse.Namespace) -> list[str]:
   python = f"PYTHON={shlex.quote(args.python)} " if args.python else ""
-  return ssh_cmd(args, "all", f"mkdir -p {REMOTE_DIR} && tar -xzf ~/{REMOTE_TARBALL} -C {REMOTE_DIR}"
-                 f" && cd {REMOTE_DIR} && {python}bash launch/setup.sh tpu")
+  return ssh_cmd(
+    args,
+    "all",
+    f"mkdir -p {REMOTE_DIR} && tar -xzf ~/{REMOTE_TARBALL} -C {REMOTE_DIR}"
+    f" && cd {REMOTE_DIR} && {python}bash launch/setup.sh tpu",
+  )
 
 
 def train_cmd(args: argparse.Namespace) -> list[str]:
-  return [".venv/bin/python", "-m", "tlm_jax.train", "--config", args.config,
-          "--workdir", args.workdir, *args.overrides]
+  return [
+    ".venv/bin/python",
+    "-m",
+    "tlm_jax.train",
+    "--config",
+    args.config,
+    "--workdir",
+    args.workdir,
+    *args.overrides,
+  ]
 
 
 def run_cmd(args: argparse.Namespace) -> list[str]:
@@ -150,10 +206,14 @@ def run_cmd(args: argparse.Namespace) -> list[str]:
   if args.restart:
     guard = f"if {alive}; then kill $p; while kill -0 $p 2>/dev/null; do sleep 1; done; fi"
   else:
-    guard = (f'if {alive}; then echo "tlm_jax.train already running (pid $p); '
-             'pass --restart to stop it first" >&2; exit 1; fi')
-  start = (f"cd {REMOTE_DIR} || exit 1; PYTHONUNBUFFERED=1 nohup {shlex.join(train_cmd(args))}"
-           f" >> {LOG} 2>&1 < /dev/null & echo $! > {PIDFILE}")
+    guard = (
+      f'if {alive}; then echo "tlm_jax.train already running (pid $p); '
+      'pass --restart to stop it first" >&2; exit 1; fi'
+    )
+  start = (
+    f"cd {REMOTE_DIR} || exit 1; PYTHONUNBUFFERED=1 nohup {shlex.join(train_cmd(args))}"
+    f" >> {LOG} 2>&1 < /dev/null & echo $! > {PIDFILE}"
+  )
   return ssh_cmd(args, "all", f"{guard}; {start}")
 
 
@@ -162,6 +222,7 @@ def logs_cmd(args: argparse.Namespace) -> list[str]:
 
 
 # ---- running them ----
+
 
 class Shell:
   """Prints each command; runs it unless dry, so dry output is exactly the commands."""
@@ -190,7 +251,9 @@ def pack_repo(tarball: str) -> int:
 
 def setup(args: argparse.Namespace, sh: Shell) -> None:
   tarball = local_tarball(args.name)
-  sh.note(f"pack the working tree (git ls-files --cached --others --exclude-standard) into {tarball}")
+  sh.note(
+    f"pack the working tree (git ls-files --cached --others --exclude-standard) into {tarball}"
+  )
   if not sh.dry:
     sh.note(f"packed {pack_repo(tarball)} files")
   sh(scp_cmd(args))
@@ -198,7 +261,7 @@ def setup(args: argparse.Namespace, sh: Shell) -> None:
 
 
 def query_state(args: argparse.Namespace) -> str | None:
-  """The VM's (or queued resource's) state, None if it doesn't exist; other gcloud errors stop us."""
+  """The VM's (or queued resource's) state; None if it doesn't exist. Other gcloud errors stop."""
   p = subprocess.run(status_cmd(args), capture_output=True, text=True)
   if p.returncode == 0 and p.stdout.strip():
     return p.stdout.strip()
@@ -208,8 +271,9 @@ def query_state(args: argparse.Namespace) -> str | None:
 
 
 def wait_active(args: argparse.Namespace, sh: Shell) -> None:
-  sh.note(f"wait until queued resource {args.name} is ACTIVE "
-          f"(polls `{shlex.join(status_cmd(args))}`)")
+  sh.note(
+    f"wait until queued resource {args.name} is ACTIVE (polls `{shlex.join(status_cmd(args))}`)"
+  )
   while not sh.dry and (state := query_state(args)) != "ACTIVE":
     if state is None or state in QUEUED_GONE:
       raise SystemExit(f"error: queued resource {args.name} is {state or 'gone'}")
@@ -248,11 +312,14 @@ def resume(args: argparse.Namespace, sh: Shell) -> None:
     setup(args, sh)
     sh(run_cmd(args))
   else:
-    raise SystemExit(f"error: {args.name} is {state}; resume acts on {ready}, {', '.join(gone)} "
-                     "or missing: try again later")
+    raise SystemExit(
+      f"error: {args.name} is {state}; resume acts on {ready}, {', '.join(gone)} "
+      "or missing: try again later"
+    )
 
 
 # ---- CLI ----
+
 
 def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
@@ -263,8 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument("--runtime_version", help="default: per TPU generation, see the module doc")
   common.add_argument("--spot", action="store_true", help="Spot VM: cheap, preemptible")
   common.add_argument("--queued", action="store_true", help="go through a queued resource")
-  common.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                      help="print the commands, run nothing")
+  common.add_argument(
+    "--dry-run",
+    "--dry_run",
+    dest="dry_run",
+    action="store_true",
+    help="print the commands, run nothing",
+  )
   setup_flags = argparse.ArgumentParser(add_help=False)
   setup_flags.add_argument("--python", help="interpreter for the VM's .venv (PYTHON for setup.sh)")
   train_flags = argparse.ArgumentParser(add_help=False)
@@ -274,17 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
   logs_flags = argparse.ArgumentParser(add_help=False)
   logs_flags.add_argument("--worker", default="0", help="worker index (or all)")
 
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   epilog="Train overrides (--config.x=y) go after --.")
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], epilog="Train overrides (--config.x=y) go after --."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   for name, parents, text in [
-      ("create", [], "create the TPU VM (or queued resource)"),
-      ("setup", [setup_flags], "copy the repo to every worker, run launch/setup.sh tpu"),
-      ("run", [train_flags], "start training on every worker (nohup, ~/tlm_jax_train.log)"),
-      ("logs", [logs_flags], "follow a worker's training log"),
-      ("status", [], "print the VM's (or queued resource's) state"),
-      ("resume", [setup_flags, train_flags], "re-create if preempted, set up, run"),
-      ("delete", [], "delete the TPU VM (or queued resource)")]:
+    ("create", [], "create the TPU VM (or queued resource)"),
+    ("setup", [setup_flags], "copy the repo to every worker, run launch/setup.sh tpu"),
+    ("run", [train_flags], "start training on every worker (nohup, ~/tlm_jax_train.log)"),
+    ("logs", [logs_flags], "follow a worker's training log"),
+    ("status", [], "print the VM's (or queued resource's) state"),
+    ("resume", [setup_flags, train_flags], "re-create if preempted, set up, run"),
+    ("delete", [], "delete the TPU VM (or queued resource)"),
+  ]:
     sub.add_parser(name, parents=[common, *parents], help=text, allow_abbrev=False)
   return parser
 
@@ -293,14 +367,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
   """Parse and check everything up front, so a bad flag fails before any VM is touched."""
   cut = argv.index("--") if "--" in argv else len(argv)
   args = build_parser().parse_args(argv[:cut])
-  args.overrides = argv[cut + 1:]
+  args.overrides = argv[cut + 1 :]
   if {"--dry-run", "--dry_run"} & set(args.overrides):
     raise SystemExit("error: --dry-run after -- would go to the trainer; put it before --")
   if args.overrides and args.command not in ("run", "resume"):
-    raise SystemExit(f"error: only run and resume take train overrides after --, not {args.command}")
+    raise SystemExit(
+      f"error: only run and resume take train overrides after --, not {args.command}"
+    )
   if not NAME_RE.fullmatch(args.name):
-    raise SystemExit(f"error: --name={args.name!r}: lowercase letters, digits and '-', "
-                     "starting with a letter")
+    raise SystemExit(
+      f"error: --name={args.name!r}: lowercase letters, digits and '-', starting with a letter"
+    )
   if args.command in ("create", "resume"):
     if not args.accelerator_type:
       raise SystemExit(f"error: {args.command} needs --accelerator_type (e.g. v5litepod-8, v4-32)")
@@ -310,11 +387,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
       raise SystemExit(f"error: --config={args.config}: no such file under {REPO}")
     if not args.workdir.startswith("gs://"):
       if is_multi_host(args.accelerator_type):
-        raise SystemExit(f"error: --workdir={args.workdir}: a multi-host slice "
-                         f"({args.accelerator_type}) needs a gs:// workdir that all hosts share")
-      print(f"warning: --workdir={args.workdir} is on the VM's disk: it dies with a preempted "
-            "VM (resume then starts over) and multi-host slices can't share it; use gs://",
-            file=sys.stderr)
+        raise SystemExit(
+          f"error: --workdir={args.workdir}: a multi-host slice "
+          f"({args.accelerator_type}) needs a gs:// workdir that all hosts share"
+        )
+      print(
+        f"warning: --workdir={args.workdir} is on the VM's disk: it dies with a preempted "
+        "VM (resume then starts over) and multi-host slices can't share it; use gs://",
+        file=sys.stderr,
+      )
   return args
 
 
@@ -327,8 +408,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "resume":
       resume(args, sh)
     else:
-      sh({"create": create_cmd, "run": run_cmd, "logs": logs_cmd, "status": status_cmd,
-          "delete": delete_cmd}[args.command](args))
+      sh(
+        {
+          "create": create_cmd,
+          "run": run_cmd,
+          "logs": logs_cmd,
+          "status": status_cmd,
+          "delete": delete_cmd,
+        }[args.command](args)
+      )
   except subprocess.CalledProcessError as e:
     sys.exit(f"error: exit {e.returncode} from: {shlex.join(e.cmd)}")
   except FileNotFoundError as e:

@@ -1,32 +1,26 @@
 """Every backbone: its own reference check, causality, modes, parity, sharding and training."""
 
-import importlib.util
 import itertools
-import os
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import run_steps
 
-from conftest import run_steps
-from tlm_jax import taper, train
+from tlm_jax import state, taper, train
+from tlm_jax.config import model_spec
 from tlm_jax.data import pipeline
 from tlm_jax.metrics import read_metrics
 from tlm_jax.model import costs, lm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKBONES = {"transformer": "tlm_transformer.py", "gated_attention": "tlm_gated_attention.py",
-             "titans": "tlm_titans.py", "hope_attention": "tlm_hope_attention.py"}
+BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
 
 
 def load(backbone, arg="tiny"):
-  path = os.path.join(REPO, "configs", BACKBONES[backbone])
-  spec = importlib.util.spec_from_file_location(backbone, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return helpers.load_config(f"tlm_{backbone}", arg)
 
 
 def tokens(batch=2, length=16, seed=0):
@@ -37,8 +31,8 @@ def tokens(batch=2, length=16, seed=0):
 def test_gate_saturated_open_equals_plain_attention(gate):
   gated_cfg = load("gated_attention")
   gated_cfg.model.gate = gate
-  gated = lm.build(gated_cfg, seed=1)
-  plain = lm.build(load("transformer"), seed=2)
+  gated = state.build_model(gated_cfg, seed=1)
+  plain = state.build_model(load("transformer"), seed=2)
   for block in gated.blocks:
     block.mixer.b_gate[...] = jnp.full_like(block.mixer.b_gate[...], 1e4)
   shared = nnx.state(gated)
@@ -55,19 +49,20 @@ def test_gate_saturated_open_equals_plain_attention(gate):
 def test_gate_scales_each_head_output_as_written(gate):
   cfg = load("gated_attention")
   cfg.model.gate = gate
-  mixer = lm.build(cfg).blocks[0].mixer
+  mixer = state.build_model(cfg).blocks[0].mixer
   x = jax.random.normal(jax.random.key(3), (2, 8, cfg.model.d_model))
   positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   y = mixer.attend(x, positions)
   g = jax.nn.sigmoid(jnp.einsum("btd,d...->bt...", x, mixer.w_gate[...]) + mixer.b_gate[...])
-  want = jnp.einsum("btnh,nhd->btd", y * (g[..., None] if gate == "headwise" else g),
-                    mixer.w_o[...])
+  want = jnp.einsum(
+    "btnh,nhd->btd", y * (g[..., None] if gate == "headwise" else g), mixer.w_o[...]
+  )
   np.testing.assert_allclose(mixer(x, positions), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_no_gradient_flows_from_later_tokens(backbone):
-  model = lm.build(load(backbone))
+  model = state.build_model(load(backbone))
   x = model.embed_tokens(tokens(1, 16))
   t = 5
 
@@ -76,15 +71,15 @@ def test_no_gradient_flows_from_later_tokens(backbone):
     return -jax.nn.log_softmax(logits[0, t])[3]
 
   grad = jax.grad(loss_at_t)(x)
-  assert jnp.all(grad[0, t + 1:] == 0.0)
-  assert jnp.all(jnp.abs(grad[0, :t + 1]).sum(-1) > 0)
+  assert jnp.all(grad[0, t + 1 :] == 0.0)
+  assert jnp.all(jnp.abs(grad[0, : t + 1]).sum(-1) > 0)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_unrolled_equals_grouped(backbone):
   cfg = load(backbone, "tiny,stepped")
   cfg.model.taper.steps = 2
-  model = lm.build(cfg)
+  model = state.build_model(cfg)
   unrolled = model(tokens())
   lm.set_layers_mode(model, "grouped")
   assert any(len(g) > 1 for g in model.groups)
@@ -95,17 +90,19 @@ def test_unrolled_equals_grouped(backbone):
 @pytest.mark.parametrize("arg", ["tiny", "760m", "1.3b"])
 def test_tapered_and_uniform_twins_have_identical_parameter_counts(backbone, arg):
   cfg = load(backbone, arg)
-  count = lambda c: lm.param_count(nnx.eval_shape(lambda: lm.build(c)))
+  count = lambda c: lm.param_count(nnx.eval_shape(lambda: state.build_model(c)))
   tapered, uniform = count(cfg), count(taper.uniform_twin(cfg))
-  assert tapered == uniform == costs.total_params(cfg.model, taper.widths_from_config(cfg))
+  assert tapered == uniform == costs.total_params(model_spec(cfg), taper.widths_from_config(cfg))
   report = taper.parity_report(cfg)
   assert report["param_difference"] == 0
   assert report["flops_per_token"] == report["uniform_flops_per_token"]
   assert len(set(report["widths"])) > 1
 
 
-@pytest.mark.parametrize("backbone,titans_variant", [
-    *[(b, "mag") for b in BACKBONES], ("titans", "mal"), ("titans", "mac")])
+@pytest.mark.parametrize(
+  "backbone,titans_variant",
+  [*[(b, "mag") for b in BACKBONES], ("titans", "mal"), ("titans", "mac")],
+)
 def test_eight_devices_match_one(backbone, titans_variant, tmp_path):
   cfg = load(backbone)
   cfg.model.titans.variant = titans_variant
@@ -122,8 +119,17 @@ def test_eight_devices_match_one(backbone, titans_variant, tmp_path):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_trains_on_the_builtin_corpus_with_falling_validation_loss(backbone, tmp_path):
   cfg = load(backbone)
-  cfg.train.update(batch_size=8, seq_len=64, steps=200, warmup_steps=20, learning_rate=3e-3,
-                   log_every=50, eval_every=100, eval_batches=4, checkpoint_every=200)
+  cfg.train.update(
+    batch_size=8,
+    seq_len=64,
+    steps=200,
+    warmup_steps=20,
+    learning_rate=3e-3,
+    log_every=50,
+    eval_every=100,
+    eval_batches=4,
+    checkpoint_every=200,
+  )
   cfg.data.data_dir = str(tmp_path / "tfds")
   result = train.train(cfg, str(tmp_path / "run"))
   evals = [r for r in read_metrics(str(tmp_path / "run")) if r.get("split")]
@@ -136,8 +142,8 @@ def test_trains_on_the_builtin_corpus_with_falling_validation_loss(backbone, tmp
 def test_titans_variants_build_and_cost_what_they_hold(variant):
   cfg = load("titans")
   cfg.model.titans.variant = variant
-  model = lm.build(cfg)
-  assert lm.param_count(model) == costs.total_params(cfg.model, list(model.widths))
+  model = state.build_model(cfg)
+  assert lm.param_count(model) == costs.total_params(model_spec(cfg), list(model.widths))
   assert jnp.all(jnp.isfinite(model(tokens(1, 32))))
 
 
@@ -145,15 +151,15 @@ def test_titans_rejects_a_sequence_that_is_not_whole_chunks():
   from tlm_jax.errors import ConfigError
 
   with pytest.raises(ConfigError, match="model.titans.chunk_size"):
-    lm.build(load("titans"))(tokens(1, 20))
+    state.build_model(load("titans"))(tokens(1, 20))
 
 
 def test_titans_memory_as_context_is_causal_across_segments():
   cfg = load("titans")
   cfg.model.titans.variant = "mac"
-  model = lm.build(cfg)
+  model = state.build_model(cfg)
   x = model.embed_tokens(tokens(1, 48))  # three segments of 16
   for t in (3, 16, 37):
     grad = jax.grad(lambda x_BTD: model.unembed(model.trunk(x_BTD))[0, t, 5])(x)
-    assert jnp.all(grad[0, t + 1:] == 0.0)
-    assert jnp.all(jnp.abs(grad[0, :t + 1]).sum(-1) > 0)  # earlier segments reach t via memory
+    assert jnp.all(grad[0, t + 1 :] == 0.0)
+    assert jnp.all(jnp.abs(grad[0, : t + 1]).sum(-1) > 0)  # earlier segments reach t via memory

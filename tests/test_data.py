@@ -21,10 +21,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(data_dir, batch_size=4, seq_len=32, seed=0, **data):
-  data = dict(source="builtin", name="", data_dir=str(data_dir), files="", text_field="text",
-              tokenizer="byte", spm_model="", worker_count=0) | data
-  return ml_collections.ConfigDict(dict(
-      seed=seed, train=dict(batch_size=batch_size, seq_len=seq_len), data=data))
+  data = (
+    dict(
+      source="builtin",
+      name="",
+      data_dir=str(data_dir),
+      files="",
+      text_field="text",
+      tokenizer="byte",
+      spm_model="",
+      worker_count=0,
+    )
+    | data
+  )
+  return ml_collections.ConfigDict(
+    dict(seed=seed, train=dict(batch_size=batch_size, seq_len=seq_len), data=data)
+  )
 
 
 def take(it, n):
@@ -61,12 +73,15 @@ class TinyText(tfds.core.GeneratorBasedBuilder):
   """A stand-in for a prepared public dataset (like lm1b): text in a `content` feature."""
 
   VERSION = tfds.core.Version("1.0.0")
-  DOCS = {"train": [f"train document {i}: héllo wörld" for i in range(20)],
-          "validation": [f"validation document {i}" for i in range(5)]}
+  DOCS = {
+    "train": [f"train document {i}: héllo wörld" for i in range(20)],
+    "validation": [f"validation document {i}" for i in range(5)],
+  }
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()}))
+      builder=self, features=tfds.features.FeaturesDict({"content": tfds.features.Text()})
+    )
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(docs) for split, docs in self.DOCS.items()}
@@ -77,6 +92,7 @@ class TinyText(tfds.core.GeneratorBasedBuilder):
 
 
 # --- builders -----------------------------------------------------------------
+
 
 def test_builtin_corpus_builds_offline_disjoint_and_deterministic(data_dir, tmp_path):
   cfg = make_config(data_dir).data
@@ -93,50 +109,63 @@ def test_builtin_corpus_builds_offline_disjoint_and_deterministic(data_dir, tmp_
 
 
 def test_local_files_round_trip(tmp_path):
-  texts = {"a.txt": "Plain text, ünïcödé ✓.\n\nSecond paragraph.\n",
-           "b.txt": "another file\n"}
+  texts = {"a.txt": "Plain text, ünïcödé ✓.\n\nSecond paragraph.\n", "b.txt": "another file\n"}
   for name, text in texts.items():
     (tmp_path / name).write_text(text, encoding="utf-8")
   rows = [{"body": f"json doc {i} — «{i}»", "id": i} for i in range(6)]
   (tmp_path / "c.jsonl").write_text(
-      "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:3]) + "\n\n"
-      + "\n".join(json.dumps(r) for r in rows[3:]) + "\n", encoding="utf-8")
-  cfg = make_config(tmp_path / "tfds", source="local", text_field="body",
-                    files=f"{tmp_path}/*.txt,{tmp_path}/*.jsonl").data
+    "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:3])
+    + "\n\n"
+    + "\n".join(json.dumps(r) for r in rows[3:])
+    + "\n",
+    encoding="utf-8",
+  )
+  cfg = make_config(
+    tmp_path / "tfds",
+    source="local",
+    text_field="body",
+    files=f"{tmp_path}/*.txt,{tmp_path}/*.jsonl",
+  ).data
   got = list(builders.source(cfg, "train")) + list(builders.source(cfg, "validation"))
   assert sorted(got) == sorted([*texts.values(), *(r["body"] for r in rows)])
   assert len(list(builders.source(cfg, "validation"))) >= 1
   # A different file set (or text field) is a different dataset, not stale files.
-  assert (builders.local_config(f"{tmp_path}/*.txt", "body").name
-          != builders.local_config(cfg.files, "body").name
-          != builders.local_config(cfg.files, "text").name)
+  assert (
+    builders.local_config(f"{tmp_path}/*.txt", "body").name
+    != builders.local_config(cfg.files, "body").name
+    != builders.local_config(cfg.files, "text").name
+  )
 
 
 def test_tfds_dataset_by_name_through_pipeline(tmp_path):
   TinyText(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
-  config = make_config(tmp_path, batch_size=2, seq_len=16, source="tfds", name="tiny_text",
-                       text_field="content")
+  config = make_config(
+    tmp_path, batch_size=2, seq_len=16, source="tfds", name="tiny_text", text_field="content"
+  )
   batches = take(pipeline.make_iterator(config, "validation", num_epochs=1), 100)
   want = expected_stream(tokenizers.ByteTokenizer(), builders.source(config.data, "validation"))
   got = stream(batches)
   assert len(got) == len(want) // (2 * 17) * 2 * 17
-  np.testing.assert_array_equal(got, want[:len(got)])
+  np.testing.assert_array_equal(got, want[: len(got)])
   assert sorted(builders.source(config.data, "train")) == sorted(TinyText.DOCS["train"])
 
 
 # --- pipeline -----------------------------------------------------------------
+
 
 def test_batches_pack_the_corpus_text(data_dir):
   config = make_config(data_dir, batch_size=4, seq_len=32)
   batches = take(pipeline.make_iterator(config, "validation"), 20)
   for b in batches:
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-        "inputs": ((4, 32), np.int32), "targets": ((4, 32), np.int32)}
+      "inputs": ((4, 32), np.int32),
+      "targets": ((4, 32), np.int32),
+    }
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
   tok = tokenizers.ByteTokenizer()
   docs = builders.source(config.data, "validation")
   got = stream(batches)
-  np.testing.assert_array_equal(got, expected_stream(tok, docs)[:len(got)])
+  np.testing.assert_array_equal(got, expected_stream(tok, docs)[: len(got)])
   assert tok.decode(got).startswith(docs[0][:500])
   # Evaluation streams are identical on every call.
   assert_same_batches(take(pipeline.make_iterator(config, "validation"), 20), batches)
@@ -168,27 +197,38 @@ def test_orbax_composite_checkpoint_holds_the_iterator(data_dir, tmp_path):
   it = pipeline.make_iterator(config, "train")
   take(it, 11)
   mngr = ocp.CheckpointManager(tmp_path / "ckpt")
-  mngr.save(11, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"w": np.arange(3.0)}), data=grain.checkpoint.CheckpointSave(it)))
+  mngr.save(
+    11,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"w": np.arange(3.0)}), data=grain.checkpoint.CheckpointSave(it)
+    ),
+  )
   mngr.wait_until_finished()
   want = take(it, 5)
   fresh = pipeline.make_iterator(config, "train")
-  mngr.restore(11, args=ocp.args.Composite(
+  mngr.restore(
+    11,
+    args=ocp.args.Composite(
       state=ocp.args.StandardRestore({"w": np.zeros(3)}),
-      data=grain.checkpoint.CheckpointRestore(fresh)))
+      data=grain.checkpoint.CheckpointRestore(fresh),
+    ),
+  )
   assert_same_batches(take(fresh, 5), want)
 
 
 def test_processes_split_the_rows_of_one_global_batch(data_dir):
   config = make_config(data_dir, batch_size=8, seq_len=32)
   whole = take(pipeline.make_iterator(config, "train"), 3)
-  halves = [take(pipeline.make_iterator(config, "train", process_index=i, process_count=2), 3)
-            for i in range(2)]
+  halves = [
+    take(pipeline.make_iterator(config, "train", process_index=i, process_count=2), 3)
+    for i in range(2)
+  ]
   for step, batch in enumerate(whole):
     assert halves[0][step]["inputs"].shape == (4, 32)
     for key in ("inputs", "targets"):
       np.testing.assert_array_equal(
-          np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
+        np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key]
+      )
   assert not np.array_equal(halves[0][0]["inputs"], halves[1][0]["inputs"])
 
 
@@ -209,6 +249,7 @@ def test_worker_processes_give_the_same_batches(data_dir):
 
 # --- tokenizers ---------------------------------------------------------------
 
+
 def test_byte_tokenizer_round_trip():
   tok = tokenizers.ByteTokenizer()
   text = "naïve café — 東京 ✓ 🙂\n\tcode()"
@@ -226,8 +267,9 @@ def spm_model(data_dir, tmp_path_factory):
 
 
 def test_sentencepiece_round_trip_and_bytes(data_dir, spm_model):
-  tok = tokenizers.make_tokenizer(make_config(data_dir, tokenizer="sentencepiece",
-                                              spm_model=spm_model).data)
+  tok = tokenizers.make_tokenizer(
+    make_config(data_dir, tokenizer="sentencepiece", spm_model=spm_model).data
+  )
   assert tok.vocab_size == 512 and tok.eos_id == 1 and tok.bytes_per_token.shape == (512,)
   doc = builders.source(make_config(data_dir).data, "validation")[0][:3000]
   for text in (doc, "  indented:\n\tnaïve 東京 ✓ 🙂\n"):
@@ -242,19 +284,32 @@ def test_sentencepiece_round_trip_and_bytes(data_dir, spm_model):
 def test_sentencepiece_cli_trains_on_the_configs_data(data_dir, tmp_path):
   config_file = tmp_path / "cfg.py"
   fields = make_config(data_dir).to_dict()
-  config_file.write_text("import ml_collections\n\ndef get_config():\n"
-                         f"  return ml_collections.ConfigDict({fields!r})\n")
+  config_file.write_text(
+    f"import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict({fields!r})\n"
+  )
   out = subprocess.run(
-      [sys.executable, "-m", "tlm_jax.data.tokenizers", f"--config={config_file}",
-       f"--output={tmp_path}/spm/m", "--vocab_size=400", "--max_documents=50",
-       "--max_bytes=100000"],
-      cwd=REPO, capture_output=True, text=True, check=True)
+    [
+      sys.executable,
+      "-m",
+      "tlm_jax.data.tokenizers",
+      f"--config={config_file}",
+      f"--output={tmp_path}/spm/m",
+      "--vocab_size=400",
+      "--max_documents=50",
+      "--max_bytes=100000",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert "data.spm_model=" in out.stdout
   assert tokenizers.SentencePieceTokenizer(f"{tmp_path}/spm/m.model").vocab_size == 400
   assert "output" not in flags.FLAGS  # importing the module defines no flags
 
 
 # --- errors -------------------------------------------------------------------
+
 
 def test_config_errors_name_the_field(data_dir, tmp_path):
   def raises(match, fn, *args, **kwargs):
@@ -265,21 +320,39 @@ def test_config_errors_name_the_field(data_dir, tmp_path):
   raises(r"data\.name.*tfds build no_such_dataset", builders.source, tfds_cfg, "train")
   raises(r"data\.name", builders.source, make_config(tmp_path, source="tfds").data, "train")
   unprepared = make_config(tmp_path, source="tfds", name="tiny_text").data
-  raises(r"data\.name='tiny_text' is not prepared.*--file_format array_record", builders.source,
-         unprepared, "train")
+  raises(
+    r"data\.name='tiny_text' is not prepared.*--file_format array_record",
+    builders.source,
+    unprepared,
+    "train",
+  )
   missing_dir = make_config(tmp_path / "nowhere", source="tfds", name="tiny_text").data
   raises(r"data\.data_dir", builders.source, missing_dir, "train")
-  raises(r"data\.files", builders.source,
-         make_config(tmp_path, source="local", files=f"{tmp_path}/*.nothing").data, "train")
+  raises(
+    r"data\.files",
+    builders.source,
+    make_config(tmp_path, source="local", files=f"{tmp_path}/*.nothing").data,
+    "train",
+  )
   (tmp_path / "one.txt").write_text("a single document")
-  raises(r"data\.files.*at least 2", builders.source,
-         make_config(tmp_path / "d", source="local", files=str(tmp_path / "one.txt")).data, "train")
+  raises(
+    r"data\.files.*at least 2",
+    builders.source,
+    make_config(tmp_path / "d", source="local", files=str(tmp_path / "one.txt")).data,
+    "train",
+  )
   raises(r"data\.source", builders.source, make_config(tmp_path, source="hf").data, "train")
   (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
   rows = make_config(tmp_path / "j", source="local", files=str(tmp_path / "rows.jsonl")).data
   raises(r"rows\.jsonl:2 .*data\.text_field", builders.source, rows, "train")
-  raises(r"train\.batch_size", pipeline.make_iterator, make_config(data_dir, batch_size=6), "train",
-         process_index=0, process_count=4)
+  raises(
+    r"train\.batch_size",
+    pipeline.make_iterator,
+    make_config(data_dir, batch_size=6),
+    "train",
+    process_index=0,
+    process_count=4,
+  )
   no_model = make_config(data_dir, tokenizer="sentencepiece", spm_model=str(tmp_path / "no.model"))
   raises(r"data\.spm_model", pipeline.make_iterator, no_model, "train")
   raises(r"data\.tokenizer", tokenizers.make_tokenizer, make_config(data_dir, tokenizer="bpe").data)

@@ -10,9 +10,11 @@ from tlm_jax.model import hope
 
 def level_inputs(length=24, dim=8, width=16, seed=0):
   keys = jax.random.split(jax.random.key(seed), 5)
-  weights = (0.3 * jax.random.normal(keys[0], (dim, width)),
-             0.3 * jax.random.normal(keys[1], (dim, width)),
-             0.3 * jax.random.normal(keys[2], (width, dim)))
+  weights = (
+    0.3 * jax.random.normal(keys[0], (dim, width)),
+    0.3 * jax.random.normal(keys[1], (dim, width)),
+    0.3 * jax.random.normal(keys[2], (width, dim)),
+  )
   w_value = jax.random.normal(keys[3], (dim, dim)) / np.sqrt(dim)
   return weights, w_value, jax.random.normal(keys[4], (length, dim))
 
@@ -22,7 +24,7 @@ def reference(weights, w_value, u, chunk_size, lr):
   outputs = []
   for t in range(u.shape[0]):
     if t and t % chunk_size == 0:
-      grads = jax.grad(hope.associative_loss)(weights, u[t - chunk_size:t], w_value)
+      grads = jax.grad(hope.associative_loss)(weights, u[t - chunk_size : t], w_value)
       weights = tuple(w - lr * g for w, g in zip(weights, grads))
     outputs.append(hope.swiglu(weights, u[t]))
   return jnp.stack(outputs)

@@ -27,14 +27,16 @@ CONFIG = "configs/tlm_transformer.py:124m"
 TRAIN = ["--config", CONFIG, "--workdir", "gs://bkt/runs/a"]
 TARBALL = str(pathlib.Path(tempfile.gettempdir()) / "tlm_jax_tlm.tar.gz")
 SETUP_LINES = [
-    "# pack the working tree (git ls-files --cached --others --exclude-standard) into " + TARBALL,
-    f"{TPUS} tpu-vm scp {TARBALL} tlm:tlm_jax.tar.gz --zone=us-west4-a --worker=all",
-    f"{TPUS} tpu-vm ssh tlm --zone=us-west4-a --worker=all '--command=mkdir -p ~/tlm_jax && "
-    "tar -xzf ~/tlm_jax.tar.gz -C ~/tlm_jax && cd ~/tlm_jax && bash launch/setup.sh tpu'",
+  "# pack the working tree (git ls-files --cached --others --exclude-standard) into " + TARBALL,
+  f"{TPUS} tpu-vm scp {TARBALL} tlm:tlm_jax.tar.gz --zone=us-west4-a --worker=all",
+  f"{TPUS} tpu-vm ssh tlm --zone=us-west4-a --worker=all '--command=mkdir -p ~/tlm_jax && "
+  "tar -xzf ~/tlm_jax.tar.gz -C ~/tlm_jax && cd ~/tlm_jax && bash launch/setup.sh tpu'",
 ]
-TRAIN_LINE = ("PYTHONUNBUFFERED=1 nohup .venv/bin/python -m tlm_jax.train --config "
-              f"{CONFIG} --workdir gs://bkt/runs/a --config.train.steps=10 '--config.x=a b' "
-              ">> ~/tlm_jax_train.log 2>&1 < /dev/null & echo $! > ~/tlm_jax_train.pid")
+TRAIN_LINE = (
+  "PYTHONUNBUFFERED=1 nohup .venv/bin/python -m tlm_jax.train --config "
+  f"{CONFIG} --workdir gs://bkt/runs/a --config.train.steps=10 '--config.x=a b' "
+  ">> ~/tlm_jax_train.log 2>&1 < /dev/null & echo $! > ~/tlm_jax_train.pid"
+)
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +54,14 @@ def no_real_gcloud(gcloud_stub, monkeypatch):
 
 
 def tpu_vm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "launch/tpu_vm.py", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "launch/tpu_vm.py", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def dry(*args: str) -> list[str]:
@@ -73,40 +81,69 @@ def remote_command(line: str) -> tuple[list[str], str]:
 
 # ---- create / delete / status / logs ----
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--accelerator_type", "v5litepod-8"],
-     "tpu-vm create tlm --zone=us-west4-a --accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite"),
-    (["--accelerator_type", "v4-32", "--spot", "--project", "proj"],
-     "tpu-vm create tlm --zone=us-west4-a --project=proj --accelerator-type=v4-32 "
-     "--version=tpu-ubuntu2204-base --spot"),
-    (["--accelerator_type", "v6e-8", "--queued"],
-     "queued-resources create tlm --node-id=tlm --zone=us-west4-a --accelerator-type=v6e-8 "
-     "--runtime-version=v2-alpha-tpuv6e"),
-    (["--accelerator_type", "v5p-16", "--queued", "--spot"],
-     "queued-resources create tlm --node-id=tlm --zone=us-west4-a --accelerator-type=v5p-16 "
-     "--runtime-version=v2-alpha-tpuv5 --spot"),
-    (["--accelerator_type", "tpu7x-8", "--runtime_version", "my-runtime"],
-     "tpu-vm create tlm --zone=us-west4-a --accelerator-type=tpu7x-8 --version=my-runtime"),
-])
+
+@pytest.mark.parametrize(
+  "flags, expected",
+  [
+    (
+      ["--accelerator_type", "v5litepod-8"],
+      "tpu-vm create tlm --zone=us-west4-a --accelerator-type=v5litepod-8 "
+      "--version=v2-alpha-tpuv5-lite",
+    ),
+    (
+      ["--accelerator_type", "v4-32", "--spot", "--project", "proj"],
+      "tpu-vm create tlm --zone=us-west4-a --project=proj --accelerator-type=v4-32 "
+      "--version=tpu-ubuntu2204-base --spot",
+    ),
+    (
+      ["--accelerator_type", "v6e-8", "--queued"],
+      "queued-resources create tlm --node-id=tlm --zone=us-west4-a --accelerator-type=v6e-8 "
+      "--runtime-version=v2-alpha-tpuv6e",
+    ),
+    (
+      ["--accelerator_type", "v5p-16", "--queued", "--spot"],
+      "queued-resources create tlm --node-id=tlm --zone=us-west4-a --accelerator-type=v5p-16 "
+      "--runtime-version=v2-alpha-tpuv5 --spot",
+    ),
+    (
+      ["--accelerator_type", "tpu7x-8", "--runtime_version", "my-runtime"],
+      "tpu-vm create tlm --zone=us-west4-a --accelerator-type=tpu7x-8 --version=my-runtime",
+    ),
+  ],
+)
 def test_create(flags, expected):
   assert dry("create", *BASE, *flags) == [f"{TPUS} {expected}"]
 
 
-@pytest.mark.parametrize("sub, flags, expected", [
+@pytest.mark.parametrize(
+  "sub, flags, expected",
+  [
     ("delete", [], "tpu-vm delete tlm --zone=us-west4-a --quiet"),
     ("delete", ["--queued"], "queued-resources delete tlm --zone=us-west4-a --force --quiet"),
     ("status", [], "tpu-vm describe tlm --zone=us-west4-a '--format=value(state)'"),
-    ("status", ["--queued", "--project", "p"],
-     "queued-resources describe tlm --zone=us-west4-a --project=p '--format=value(state.state)'"),
-    ("logs", [], "tpu-vm ssh tlm --zone=us-west4-a --worker=0 '--command=tail -n 100 -F ~/tlm_jax_train.log'"),
-    ("logs", ["--worker", "3"],
-     "tpu-vm ssh tlm --zone=us-west4-a --worker=3 '--command=tail -n 100 -F ~/tlm_jax_train.log'"),
-])
+    (
+      "status",
+      ["--queued", "--project", "p"],
+      "queued-resources describe tlm --zone=us-west4-a --project=p '--format=value(state.state)'",
+    ),
+    (
+      "logs",
+      [],
+      "tpu-vm ssh tlm --zone=us-west4-a --worker=0 '--command=tail -n 100 -F ~/tlm_jax_train.log'",
+    ),
+    (
+      "logs",
+      ["--worker", "3"],
+      "tpu-vm ssh tlm --zone=us-west4-a --worker=3 '--command=tail -n 100 -F ~/tlm_jax_train.log'",
+    ),
+  ],
+)
 def test_single_commands(sub, flags, expected):
   assert dry(sub, *BASE, *flags) == [f"{TPUS} {expected}"]
 
 
 # ---- setup / run / resume ----
+
 
 def test_setup_copies_to_and_installs_on_all_workers():
   assert dry("setup", *BASE) == SETUP_LINES
@@ -128,31 +165,43 @@ def test_run_starts_the_train_command_on_all_workers():
 
 
 def test_resume_prints_both_branches_in_order():
-  lines = dry("resume", *BASE, "--accelerator_type", "v4-32", "--spot", *TRAIN,
-              "--", "--config.train.steps=10", "--config.x=a b")
-  [query, preempted, ready] = [i for i, l in enumerate(lines) if l.startswith("# ")
-                               and not l.startswith("# pack")]
+  lines = dry(
+    "resume",
+    *BASE,
+    "--accelerator_type",
+    "v4-32",
+    "--spot",
+    *TRAIN,
+    "--",
+    "--config.train.steps=10",
+    "--config.x=a b",
+  )
+  [query, preempted, ready] = [
+    i for i, l in enumerate(lines) if l.startswith("# ") and not l.startswith("# pack")
+  ]
   assert "dry-run" in lines[query] and "PREEMPTED or TERMINATED" in lines[preempted]
   assert lines[ready] == "# if tlm is READY:"
   assert lines[query + 1] == f"{TPUS} tpu-vm describe tlm --zone=us-west4-a '--format=value(state)'"
-  sequence = lines[preempted + 1:ready]
+  sequence = lines[preempted + 1 : ready]
   assert sequence[:2] == [
-      f"{TPUS} tpu-vm delete tlm --zone=us-west4-a --quiet",
-      f"{TPUS} tpu-vm create tlm --zone=us-west4-a --accelerator-type=v4-32 "
-      "--version=tpu-ubuntu2204-base --spot"]
+    f"{TPUS} tpu-vm delete tlm --zone=us-west4-a --quiet",
+    f"{TPUS} tpu-vm create tlm --zone=us-west4-a --accelerator-type=v4-32 "
+    "--version=tpu-ubuntu2204-base --spot",
+  ]
   assert sequence[2:5] == SETUP_LINES
   assert len(sequence) == 6 and remote_command(sequence[5])[1].endswith(TRAIN_LINE)
-  assert lines[ready + 1:] == [sequence[5]]
+  assert lines[ready + 1 :] == [sequence[5]]
 
 
 def test_resume_queued_deletes_with_force_and_waits_for_active():
   lines = dry("resume", *BASE, "--accelerator_type", "v5litepod-16", "--queued", "--spot", *TRAIN)
   commands = [l for l in lines if not l.startswith("#")]
   assert commands[:3] == [
-      f"{TPUS} queued-resources describe tlm --zone=us-west4-a '--format=value(state.state)'",
-      f"{TPUS} queued-resources delete tlm --zone=us-west4-a --force --quiet",
-      f"{TPUS} queued-resources create tlm --node-id=tlm --zone=us-west4-a "
-      "--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot"]
+    f"{TPUS} queued-resources describe tlm --zone=us-west4-a '--format=value(state.state)'",
+    f"{TPUS} queued-resources delete tlm --zone=us-west4-a --force --quiet",
+    f"{TPUS} queued-resources create tlm --node-id=tlm --zone=us-west4-a "
+    "--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot",
+  ]
   assert any("SUSPENDED" in l for l in lines) and "# if tlm is ACTIVE:" in lines
   wait = next(i for i, l in enumerate(lines) if "is ACTIVE (polls" in l)
   assert lines[wait - 1] == commands[2] and lines[wait + 1].startswith("# pack")
@@ -160,19 +209,28 @@ def test_resume_queued_deletes_with_force_and_waits_for_active():
 
 # ---- validation ----
 
-@pytest.mark.parametrize("args, flag", [
+
+@pytest.mark.parametrize(
+  "args, flag",
+  [
     (["create", "--zone", "z", "--accelerator_type", "v4-8"], "--name"),
     (["status", "--name", "n"], "--zone"),
     (["create", "--name", "n", "--zone", "z"], "--accelerator_type"),
     (["resume", "--name", "n", "--zone", "z", *TRAIN], "--accelerator_type"),
     (["run", "--name", "n", "--zone", "z", "--workdir", "gs://b/r"], "--config"),
     (["run", "--name", "n", "--zone", "z", "--config", CONFIG], "--workdir"),
-    (["create", "--name", "n", "--zone", "z", "--accelerator_type", "tpu7x-8"], "--runtime_version"),
-    (["run", "--name", "n", "--zone", "z", "--config", "configs/nope.py", "--workdir", "gs://b"],
-     "--config=configs/nope.py"),
+    (
+      ["create", "--name", "n", "--zone", "z", "--accelerator_type", "tpu7x-8"],
+      "--runtime_version",
+    ),
+    (
+      ["run", "--name", "n", "--zone", "z", "--config", "configs/nope.py", "--workdir", "gs://b"],
+      "--config=configs/nope.py",
+    ),
     (["status", "--name", "My_TPU", "--zone", "z"], "--name"),
     (["status", "--name", "n", "--zone", "z", "--", "--config.x=1"], "after --"),
-])
+  ],
+)
 def test_bad_flags_fail_naming_the_flag(args, flag):
   p = tpu_vm(*args, "--dry-run")
   assert p.returncode != 0 and flag in p.stderr and not p.stdout
@@ -190,14 +248,20 @@ def test_workdir_must_be_gcs_on_multi_host():
 
 # ---- setup.sh ----
 
+
 def pinned_jax() -> str:
   return re.search(r"^jax==(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
 
 
 @pytest.mark.parametrize("arg, extra", [("tpu", "tpu"), ("cuda", "cuda13"), (None, None)])
 def test_setup_sh_installs_the_accelerator_jax(arg, extra):
-  p = subprocess.run(["bash", "launch/setup.sh", *([arg] if arg else [])], cwd=REPO,
-                     env=dict(os.environ, SETUP_DRY_RUN="1"), capture_output=True, text=True)
+  p = subprocess.run(
+    ["bash", "launch/setup.sh", *([arg] if arg else [])],
+    cwd=REPO,
+    env=dict(os.environ, SETUP_DRY_RUN="1"),
+    capture_output=True,
+    text=True,
+  )
   assert p.returncode == 0, p.stderr
   lines = p.stdout.splitlines()
   assert ".venv/bin/python -m pip install -q -r requirements.txt" in lines
@@ -206,12 +270,19 @@ def test_setup_sh_installs_the_accelerator_jax(arg, extra):
     assert not jax
   else:
     assert jax == [f".venv/bin/python -m pip install -q jax[{extra}]=={pinned_jax()}"]
-    assert lines.index(jax[0]) > lines.index(".venv/bin/python -m pip install -q -r requirements.txt")
+    assert lines.index(jax[0]) > lines.index(
+      ".venv/bin/python -m pip install -q -r requirements.txt"
+    )
 
 
 def test_setup_sh_rejects_unknown_accelerator():
-  p = subprocess.run(["bash", "launch/setup.sh", "rocm"], cwd=REPO, capture_output=True, text=True,
-                     env=dict(os.environ, SETUP_DRY_RUN="1"))
+  p = subprocess.run(
+    ["bash", "launch/setup.sh", "rocm"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, SETUP_DRY_RUN="1"),
+  )
   assert p.returncode == 2 and "usage" in p.stderr and not p.stdout
 
 
@@ -256,8 +327,13 @@ def fake_vm(tmp_path):
   trainer.write_text(FAKE_TRAINER)
   for f in (gcloud, trainer):
     f.chmod(0o755)
-  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}",
-             FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.jsonl"), FAKE_STATE="READY")
+  env = dict(
+    os.environ,
+    HOME=str(home),
+    PATH=f"{bin_dir}:{os.environ['PATH']}",
+    FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.jsonl"),
+    FAKE_STATE="READY",
+  )
   env.pop("SETUP_DRY_RUN", None)
   started: list[int] = []
   yield home, env, started
@@ -281,8 +357,10 @@ def trainer_pid(home: pathlib.Path, started: list[int]) -> int:
 
 
 def alive(pid: int) -> bool:
-  return pathlib.Path(f"/proc/{pid}").exists() and b"tlm_jax.train" in pathlib.Path(
-      f"/proc/{pid}/cmdline").read_bytes()
+  return (
+    pathlib.Path(f"/proc/{pid}").exists()
+    and b"tlm_jax.train" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+  )
 
 
 def stop(pid: int) -> None:
@@ -304,20 +382,23 @@ def test_real_mode_setup_run_resume(fake_vm):
     p = tpu_vm("setup", "--name", name, "--zone", "z", env=env)
     assert p.returncode == 0, p.stderr
     assert (home / "tlm_jax" / "launch" / "tpu_vm.py").exists()  # the working tree arrived
-    assert f"install -q jax[tpu]=={pinned_jax()}" in p.stdout    # setup.sh ran (dry) on the 'VM'
+    assert f"install -q jax[tpu]=={pinned_jax()}" in p.stdout  # setup.sh ran (dry) on the 'VM'
     assert "+ gcloud compute tpus tpu-vm scp" in p.stdout
 
     p = tpu_vm("run", *flags[:4], *TRAIN, "--", "--config.train.steps=10", env=env)
     assert p.returncode == 0, p.stderr
     first = trainer_pid(home, started)
     assert alive(first)
-    assert "--workdir gs://bkt/runs/a --config.train.steps=10" in (home / "tlm_jax_train.log").read_text()
+    assert (
+      "--workdir gs://bkt/runs/a --config.train.steps=10"
+      in (home / "tlm_jax_train.log").read_text()
+    )
 
-    p = tpu_vm("run", *flags[:4], *TRAIN, env=env)        # one trainer per TPU
+    p = tpu_vm("run", *flags[:4], *TRAIN, env=env)  # one trainer per TPU
     assert p.returncode != 0 and "already running" in p.stderr and alive(first)
 
     log.write_text("")
-    p = tpu_vm("resume", *flags, "--restart", env=env)    # READY: SIGTERM, wait, start again
+    p = tpu_vm("resume", *flags, "--restart", env=env)  # READY: SIGTERM, wait, start again
     assert p.returncode == 0, p.stderr
     verbs = [json.loads(l)[3] for l in log.read_text().splitlines()]
     assert verbs == ["describe", "ssh"] and not alive(first)
@@ -325,9 +406,11 @@ def test_real_mode_setup_run_resume(fake_vm):
     assert second != first and alive(second)
     assert "stopped" in (home / "tlm_jax_train.log").read_text()  # appended, not truncated
 
-    for state, expected in [("PREEMPTED", ["describe", "delete", "create", "scp", "ssh", "ssh"]),
-                            ("MISSING", ["describe", "create", "scp", "ssh", "ssh"])]:
-      stop(trainer_pid(home, started))                     # preemption took the trainer with it
+    for state, expected in [
+      ("PREEMPTED", ["describe", "delete", "create", "scp", "ssh", "ssh"]),
+      ("MISSING", ["describe", "create", "scp", "ssh", "ssh"]),
+    ]:
+      stop(trainer_pid(home, started))  # preemption took the trainer with it
       log.write_text("")
       p = tpu_vm("resume", *flags, env=dict(env, FAKE_STATE=state))
       assert p.returncode == 0, p.stderr

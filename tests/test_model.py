@@ -7,39 +7,28 @@ abstractly (`nnx.eval_shape`), which allocates nothing.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import pathlib
 import re
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from tlm_jax import taper
-from tlm_jax.config import TAPERS
+from tlm_jax import state, taper
+from tlm_jax.config import LAYERS_MODES, TAPERS, model_spec
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import costs, lm
 
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tlm_transformer.py"
 BATCH, SEQ = 2, 12
 LARGE_SCALES = ("124m", "440m", "760m", "1.3b")
 
 
-@functools.cache
-def _config_module():
-  spec = importlib.util.spec_from_file_location("tlm_transformer_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def load_config(arg: str = "tiny"):
   """A fresh experiment config from configs/tlm_transformer.py:ARG."""
-  return _config_module().get_config(arg)
+  return helpers.load_config("tlm_transformer", arg)
 
 
 def stepped_config(steps: int = 2):
@@ -70,8 +59,10 @@ def randomize_params(model: nnx.Module, seed: int, std: float = 0.15) -> None:
 
 
 def flat_params(model: nnx.Module) -> dict:
-  return {path: np.asarray(leaf) for path, leaf in
-          jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+  return {
+    path: np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  }
 
 
 def num_params(tree) -> int:
@@ -129,8 +120,9 @@ def reference_logits(model, cfg, tokens_BT, positions_BT=None):
   for block in model.blocks:
     attn = {name: getattr(block.mixer, name)[...] for name in ("w_q", "w_k", "w_v", "w_o")}
     mlp = {name: getattr(block.mlp, name)[...] for name in ("w_gate", "w_up", "w_down")}
-    x = x + ref_attention(ref_rms_norm(x, block.mixer_norm.scale[...], eps), attn,
-                          positions_BT, cfg)
+    x = x + ref_attention(
+      ref_rms_norm(x, block.mixer_norm.scale[...], eps), attn, positions_BT, cfg
+    )
     x = x + ref_swiglu(ref_rms_norm(x, block.mlp_norm.scale[...], eps), mlp)
   h = ref_rms_norm(x, model.final_norm.scale[...], eps)
   head = embed.T if cfg.tie_embeddings else model.head[...]
@@ -142,7 +134,7 @@ def reference_logits(model, cfg, tokens_BT, positions_BT=None):
 def test_forward_matches_plain_jnp_reference(tie_embeddings, explicit_positions):
   cfg = load_config("tiny")  # cosine taper, 4 heads sharing 2 kv heads
   cfg.model.tie_embeddings = tie_embeddings
-  model = lm.build(cfg)
+  model = state.build_model(cfg)
   assert len(set(model.widths)) == cfg.model.num_layers, "every layer should differ"
   assert cfg.model.num_kv_heads < cfg.model.num_heads
   assert (model.head is None) == tie_embeddings
@@ -150,8 +142,9 @@ def test_forward_matches_plain_jnp_reference(tie_embeddings, explicit_positions)
   tokens = tokens_for(cfg)
   positions = None
   if explicit_positions:  # an offset stream and an unordered one
-    positions = jnp.stack([7 + 3 * jnp.arange(SEQ),
-                           jax.random.randint(jax.random.key(5), (SEQ,), 0, 1000)])
+    positions = jnp.stack(
+      [7 + 3 * jnp.arange(SEQ), jax.random.randint(jax.random.key(5), (SEQ,), 0, 1000)]
+    )
 
   logits = model(tokens, positions)
   expected = reference_logits(model, cfg.model, tokens, positions)
@@ -165,7 +158,7 @@ def test_forward_matches_plain_jnp_reference(tie_embeddings, explicit_positions)
 def test_explicit_positions_change_logits_only_through_rope():
   """Shifting every position by the same offset leaves relative RoPE, hence logits, unchanged."""
   cfg = load_config("tiny")
-  model = lm.build(cfg)
+  model = state.build_model(cfg)
   randomize_params(model, seed=2)
   tokens = tokens_for(cfg)
   base = jnp.broadcast_to(jnp.arange(SEQ), tokens.shape)
@@ -179,11 +172,11 @@ def test_explicit_positions_change_logits_only_through_rope():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layers_mode", lm.LAYERS_MODES)
+@pytest.mark.parametrize("layers_mode", LAYERS_MODES)
 def test_loss_at_t_has_zero_gradient_wrt_later_inputs(layers_mode):
   cfg = stepped_config()
   cfg.model.layers_mode = layers_mode
-  model = lm.build(cfg)
+  model = state.build_model(cfg)
   randomize_params(model, seed=3)
   tokens = tokens_for(cfg)
   targets = tokens_for(cfg, seed=9)
@@ -195,12 +188,13 @@ def test_loss_at_t_has_zero_gradient_wrt_later_inputs(layers_mode):
       logits_BV = model.unembed(model.trunk(x))[:, t]
       logp_BV = jax.nn.log_softmax(logits_BV)
       return -jnp.take_along_axis(logp_BV, targets[:, t, None], axis=-1).sum()
+
     return jax.grad(loss)(x_BTD)
 
   for t in (0, 4, SEQ - 1):
     g_BTD = grad_of_loss_at(x_BTD, t)
-    assert np.all(np.asarray(g_BTD[:, t + 1:]) == 0.0), f"future leaks into position {t}"
-    assert np.all(np.abs(np.asarray(g_BTD[:, :t + 1])).sum(-1) > 0), f"past unused at {t}"
+    assert np.all(np.asarray(g_BTD[:, t + 1 :]) == 0.0), f"future leaks into position {t}"
+    assert np.all(np.abs(np.asarray(g_BTD[:, : t + 1])).sum(-1) > 0), f"past unused at {t}"
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +214,7 @@ def jitted_logits_and_grads(model, tokens, targets):
   def run(params):
     def loss(params):
       return cross_entropy(nnx.merge(graphdef, params, rest)(tokens), targets)
+
     logits = nnx.merge(graphdef, params, rest)(tokens)
     return logits, jax.grad(loss)(params)
 
@@ -233,9 +228,9 @@ def count_scans(model, tokens) -> int:
 
 
 MODE_CASES = {
-    # config, groups expected in grouped mode
-    "stepped2": (lambda: stepped_config(2), ((0, 1), (2, 3))),
-    "uniform": (lambda: load_config("tiny,uniform"), ((0, 1, 2, 3),)),
+  # config, groups expected in grouped mode
+  "stepped2": (lambda: stepped_config(2), ((0, 1), (2, 3))),
+  "uniform": (lambda: load_config("tiny,uniform"), ((0, 1, 2, 3),)),
 }
 
 
@@ -243,7 +238,7 @@ MODE_CASES = {
 def test_unrolled_and_grouped_agree_in_logits_and_grads(case):
   make_config, grouped_groups = MODE_CASES[case]
   cfg = make_config()
-  model = lm.build(cfg)
+  model = state.build_model(cfg)
   randomize_params(model, seed=4)
   tokens, targets = tokens_for(cfg), tokens_for(cfg, seed=8)
   assert model.groups == tuple((l,) for l in range(cfg.model.num_layers))
@@ -272,15 +267,16 @@ def test_unrolled_and_grouped_agree_in_logits_and_grads(case):
   assert len(flat_u) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
   for path, g in flat_u.items():
     assert np.any(np.asarray(g) != 0), f"no gradient for {jax.tree_util.keystr(path)}"
-    np.testing.assert_allclose(flat_g[path], g, atol=1e-5, rtol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      flat_g[path], g, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_remat_policies_do_not_change_logits_or_grads():
   cfg = stepped_config()
   cfg.model.layers_mode = "grouped"
   tokens, targets = tokens_for(cfg), tokens_for(cfg, seed=8)
-  plain = lm.build(cfg)
+  plain = state.build_model(cfg)
   randomize_params(plain, seed=4)
   logits, grads = jitted_logits_and_grads(plain, tokens, targets)
 
@@ -288,17 +284,19 @@ def test_remat_policies_do_not_change_logits_or_grads():
   assert policies
   for remat in policies:
     cfg.model.remat = remat
-    rematted = lm.build(cfg)
+    rematted = state.build_model(cfg)
     nnx.update(rematted, nnx.state(plain))
     remat_logits, remat_grads = jitted_logits_and_grads(rematted, tokens, targets)
     np.testing.assert_allclose(remat_logits, logits, atol=1e-5, rtol=1e-5, err_msg=remat)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5,
-                                                         err_msg=remat),
-                 remat_grads, grads)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=remat),
+      remat_grads,
+      grads,
+    )
 
 
 def test_set_layers_mode_rejects_unknown_mode():
-  model = lm.build(load_config("tiny"))
+  model = state.build_model(load_config("tiny"))
   with pytest.raises(ConfigError, match="layers_mode"):
     lm.set_layers_mode(model, "scanned")
 
@@ -312,7 +310,7 @@ def unrolled_and_grouped_models():
   cfg_a = stepped_config()
   cfg_b = stepped_config()
   cfg_b.model.layers_mode = "grouped"
-  a, b = lm.build(cfg_a, seed=0), lm.build(cfg_b, seed=1)
+  a, b = state.build_model(cfg_a, seed=0), state.build_model(cfg_b, seed=1)
   assert any(len(g) > 1 for g in b.groups)
   return cfg_a, a, b
 
@@ -322,8 +320,11 @@ def test_param_paths_are_identical_between_modes():
   paths_a = {path: leaf.shape for path, leaf in flat_params(a).items()}
   paths_b = {path: leaf.shape for path, leaf in flat_params(b).items()}
   assert paths_a == paths_b
-  assert (nnx.to_pure_dict(nnx.state(a)).keys()
-          == nnx.to_pure_dict(nnx.state(b)).keys() == {"embed", "blocks", "final_norm", "head"})
+  assert (
+    nnx.to_pure_dict(nnx.state(a)).keys()
+    == nnx.to_pure_dict(nnx.state(b)).keys()
+    == {"embed", "blocks", "final_norm", "head"}
+  )
 
 
 def test_state_of_unrolled_model_loads_into_grouped_model():
@@ -352,7 +353,7 @@ def test_pure_dict_of_unrolled_model_loads_into_grouped_model():
 
   np.testing.assert_allclose(b(tokens), a(tokens), atol=1e-5, rtol=1e-5)
   # And back: the grouped model's state restores into a fresh unrolled one.
-  c = lm.build(stepped_config(), seed=2)
+  c = state.build_model(stepped_config(), seed=2)
   nnx.update(c, nnx.state(b))
   np.testing.assert_allclose(c(tokens), a(tokens), atol=1e-5, rtol=1e-5)
 
@@ -368,21 +369,24 @@ def test_tiny_param_count_matches_uniform_twin_and_costs(preset, tie_embeddings)
   cfg = load_config(f"tiny,{preset}")
   cfg.model.tie_embeddings = tie_embeddings
   widths = taper.widths_from_config(cfg)
-  model = lm.build(cfg)
-  twin = lm.build(taper.uniform_twin(cfg))
+  model = state.build_model(cfg)
+  twin = state.build_model(taper.uniform_twin(cfg))
 
   assert list(model.widths) == widths
   assert lm.param_count(model) == lm.param_count(twin)
-  assert lm.param_count(model) == costs.total_params(cfg.model, widths)
+  assert lm.param_count(model) == costs.total_params(model_spec(cfg), widths)
   assert lm.param_count(model) == num_params(nnx.state(model))  # nothing hides outside Params
   for l, width in enumerate(widths):
     block = model.blocks[l]
     assert block.mlp.w_gate.shape == block.mlp.w_up.shape == (cfg.model.d_model, width)
     assert block.mlp.w_down.shape == (width, cfg.model.d_model)
-    assert num_params(nnx.state(block, nnx.Param)) == costs.layer_params(cfg.model, width)
-  non_layer = (num_params(nnx.state(model.final_norm)) + model.embed.size
-               + (0 if model.head is None else model.head.size))
-  assert non_layer == costs.embedding_params(cfg.model)
+    assert num_params(nnx.state(block, nnx.Param)) == costs.layer_params(model_spec(cfg), width)
+  non_layer = (
+    num_params(nnx.state(model.final_norm))
+    + model.embed.size
+    + (0 if model.head is None else model.head.size)
+  )
+  assert non_layer == costs.embedding_params(model_spec(cfg))
 
 
 @pytest.mark.parametrize("scale", LARGE_SCALES)
@@ -391,14 +395,15 @@ def test_large_scale_param_counts_match_uniform_twin_and_costs(scale):
   for preset in TAPERS:
     cfg = load_config(f"{scale},{preset}")
     widths = taper.widths_from_config(cfg)
-    abstract = nnx.eval_shape(lambda cfg=cfg: lm.build(cfg))
-    assert all(isinstance(x, jax.ShapeDtypeStruct)
-               for x in jax.tree.leaves(nnx.state(abstract)))
+    abstract = nnx.eval_shape(lambda cfg=cfg: state.build_model(cfg))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(abstract)))
     count = lm.param_count(abstract)
     if twin_count is None:
-      twin_count = lm.param_count(nnx.eval_shape(lambda cfg=cfg: lm.build(taper.uniform_twin(cfg))))
+      twin_count = lm.param_count(
+        nnx.eval_shape(lambda cfg=cfg: state.build_model(taper.uniform_twin(cfg)))
+      )
     assert count == twin_count, preset
-    assert count == costs.total_params(cfg.model, widths), preset
+    assert count == costs.total_params(model_spec(cfg), widths), preset
 
 
 # ---------------------------------------------------------------------------
@@ -414,28 +419,32 @@ def _set(**fields):
       for name in parents:
         node = node[name]
       node[leaf] = value
+
   return apply
 
 
 BAD_CONFIGS = {
-    "heads_do_not_divide_d_model": (_set(model__num_heads=3, model__num_kv_heads=3),
-                                    "model.num_heads=3"),
-    "kv_heads_do_not_divide_heads": (_set(model__num_kv_heads=3), "model.num_kv_heads=3"),
-    "odd_head_dim": (_set(model__head_dim=15), "model.head_dim"),
-    # Library bug: a negative head_dim skips every check and dies inside XLA
-    # ("invalid tensor dimension size") instead of raising ConfigError.
-    "negative_head_dim": (_set(model__head_dim=-4), "model.head_dim"),
-    "mlp_width_not_tile_multiple": (_set(model__mlp_width=250), "model.mlp_width=250"),
-    "unknown_schedule": (_set(model__taper__schedule="exponential"), "model.taper.schedule"),
-    "unknown_layers_mode": (_set(model__layers_mode="scanned"), "model.layers_mode"),
-    "unknown_backbone": (_set(model__backbone="mamba"), "model.backbone"),
-    "unknown_dtype": (_set(model__dtype="float8"), "model.dtype"),
-    "unknown_remat": (_set(model__remat="sometimes"), "model.remat"),
-    "cudnn_with_float32": (_set(model__attention_impl="cudnn"), "model.attention_impl"),
-    "negative_start_ratio": (_set(model__taper__start=-1.0), "model.taper.start"),
-    "shift_cannot_meet_budget": (_set(model__taper__start=5.0, model__taper__end=0.1,
-                                      model__taper__renormalize="shift"),
-                                 "model.taper.renormalize"),
+  "heads_do_not_divide_d_model": (
+    _set(model__num_heads=3, model__num_kv_heads=3),
+    "model.num_heads=3",
+  ),
+  "kv_heads_do_not_divide_heads": (_set(model__num_kv_heads=3), "model.num_kv_heads=3"),
+  "odd_head_dim": (_set(model__head_dim=15), "model.head_dim"),
+  # Library bug: a negative head_dim skips every check and dies inside XLA
+  # ("invalid tensor dimension size") instead of raising ConfigError.
+  "negative_head_dim": (_set(model__head_dim=-4), "model.head_dim"),
+  "mlp_width_not_tile_multiple": (_set(model__mlp_width=250), "model.mlp_width=250"),
+  "unknown_schedule": (_set(model__taper__schedule="exponential"), "model.taper.schedule"),
+  "unknown_layers_mode": (_set(model__layers_mode="scanned"), "model.layers_mode"),
+  "unknown_backbone": (_set(model__backbone="mamba"), "model.backbone"),
+  "unknown_dtype": (_set(model__dtype="float8"), "model.dtype"),
+  "unknown_remat": (_set(model__remat="sometimes"), "model.remat"),
+  "cudnn_with_float32": (_set(model__attention_impl="cudnn"), "model.attention_impl"),
+  "negative_start_ratio": (_set(model__taper__start=-1.0), "model.taper.start"),
+  "shift_cannot_meet_budget": (
+    _set(model__taper__start=5.0, model__taper__end=0.1, model__taper__renormalize="shift"),
+    "model.taper.renormalize",
+  ),
 }
 
 
@@ -446,12 +455,12 @@ def test_bad_config_raises_config_error_naming_the_field(case):
   assert cfg.model.dtype == "float32"
   mutate(cfg)
   with pytest.raises(ConfigError, match=re.escape(field)):
-    lm.build(cfg)
+    state.build_model(cfg)
 
 
 def test_good_tiny_config_builds():
   """The bad-config cases each change one thing in a config that does build."""
-  assert isinstance(lm.build(load_config("tiny")), lm.Decoder)
+  assert isinstance(state.build_model(load_config("tiny")), lm.Decoder)
 
 
 # ---------------------------------------------------------------------------
@@ -463,7 +472,7 @@ def test_bf16_compute_gives_finite_fp32_logits_close_to_fp32():
   cfg32 = load_config("tiny")
   cfg16 = load_config("tiny")
   cfg16.model.dtype = "bfloat16"
-  model32, model16 = lm.build(cfg32), lm.build(cfg16, seed=7)
+  model32, model16 = state.build_model(cfg32), state.build_model(cfg16, seed=7)
   randomize_params(model32, seed=6, std=0.05)
   nnx.update(model16, nnx.state(model32))
   tokens = tokens_for(cfg32)

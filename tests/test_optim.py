@@ -5,18 +5,22 @@ import ml_collections
 import pytest
 
 from tlm_jax import optim
-from tlm_jax.config import base_config
+from tlm_jax.config import LR_SCHEDULES, base_config, validate_train
 from tlm_jax.errors import ConfigError
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
   tcfg = base_config().train
-  tcfg.update({**dict(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1,
-                      decay_fraction=0.2), **overrides})
+  tcfg.update(
+    {
+      **dict(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1, decay_fraction=0.2),
+      **overrides,
+    }
+  )
   return tcfg
 
 
-@pytest.mark.parametrize("schedule", optim.SCHEDULES)
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
 def test_every_schedule_warms_up_linearly_to_the_peak(schedule):
   lr = optim.learning_rate_schedule(train_config(lr_schedule=schedule))
   assert float(lr(0)) == 0.0
@@ -44,13 +48,17 @@ def test_constant_stays_at_the_peak():
 
 def test_bad_schedule_settings_name_the_field():
   with pytest.raises(ConfigError, match="train.lr_schedule"):
-    optim.learning_rate_schedule(train_config(lr_schedule="step"))
+    validate_train(train_config(lr_schedule="step"))
   with pytest.raises(ConfigError, match="train.warmup_steps"):
-    optim.learning_rate_schedule(train_config(warmup_steps=100))
+    validate_train(train_config(warmup_steps=100))
 
 
 def test_weight_decay_skips_norm_scales_and_biases():
-  params = {"w_q": jnp.ones((2, 3)), "norm": {"scale": jnp.ones(3)}, "b_gate": jnp.ones((2, 2)),
-            "embed": jnp.ones((4, 2))}
+  params = {
+    "w_q": jnp.ones((2, 3)),
+    "norm": {"scale": jnp.ones(3)},
+    "b_gate": jnp.ones((2, 2)),
+    "embed": jnp.ones((4, 2)),
+  }
   mask = optim.decay_mask(params)
   assert mask == {"w_q": True, "norm": {"scale": False}, "b_gate": False, "embed": True}

@@ -1,30 +1,26 @@
 """Tests for the TLM taper: per-layer MLP widths under the uniform model's budget."""
 
-import importlib.util
 import json
 import math
-import pathlib
 import subprocess
 import sys
 
+import helpers
 import pytest
-from hypothesis import given, settings, strategies as st
+from helpers import REPO
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tlm_jax import config as config_lib
 from tlm_jax import taper
+from tlm_jax.config import TaperSpec
 from tlm_jax.errors import ConfigError
-from tlm_jax.taper import TaperSpec
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILE = REPO / "configs" / "tlm_transformer.py"
 SMOOTH = ("cosine", "linear", "sigmoid")
 
 
 def load_experiment_config(arg):
-  spec = importlib.util.spec_from_file_location("tlm_transformer_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return helpers.load_config("tlm_transformer", arg)
 
 
 def is_non_increasing(xs):
@@ -59,15 +55,15 @@ def taper_cases(draw):
   tile = draw(st.sampled_from((64, 128, 256)))
   tiles_per_layer = draw(st.one_of(st.integers(1, 4), st.integers(1, 40)))
   spec = TaperSpec(
-      schedule=schedule,
-      start=draw(ratios),
-      end=draw(ratios),
-      steepness=draw(st.floats(min_value=0.5, max_value=50.0)),
-      thirds=tuple(draw(ratios) for _ in range(3)),
-      steps=draw(st.integers(1, 8)),
-      step_schedule=draw(st.sampled_from(SMOOTH)),
-      renormalize=draw(st.sampled_from(("scale", "shift"))),
-      tile=tile,
+    schedule=schedule,
+    start=draw(ratios),
+    end=draw(ratios),
+    steepness=draw(st.floats(min_value=0.5, max_value=50.0)),
+    thirds=tuple(draw(ratios) for _ in range(3)),
+    steps=draw(st.integers(1, 8)),
+    step_schedule=draw(st.sampled_from(SMOOTH)),
+    renormalize=draw(st.sampled_from(("scale", "shift"))),
+    tile=tile,
   )
   return spec, draw(st.integers(2, 48)), tile * tiles_per_layer
 
@@ -177,9 +173,11 @@ def test_tiny_base_width_falls_back_to_uniform_rather_than_failing():
 
 # --- 2. the published formulas ------------------------------------------------
 
+
 @pytest.mark.parametrize("start,end", [(1.5, 0.5), (0.5, 1.5), (1.2, 0.8)])
-@pytest.mark.parametrize("schedule,formula", [("cosine", cosine_formula),
-                                              ("linear", linear_formula)])
+@pytest.mark.parametrize(
+  "schedule,formula", [("cosine", cosine_formula), ("linear", linear_formula)]
+)
 def test_smooth_schedules_follow_the_published_formula(schedule, formula, start, end):
   num_layers, base_width = 12, 3000
   spec = TaperSpec(schedule=schedule, start=start, end=end, tile=1)
@@ -243,13 +241,13 @@ def test_scale_renormalization_only_depends_on_the_ratio_of_start_to_end():
 
 def test_shift_renormalization_moves_every_layer_by_the_same_amount():
   paper = taper.layer_widths(TaperSpec(start=1.5, end=0.5, tile=1), 12, 3000)
-  shifted = taper.layer_widths(
-      TaperSpec(start=2.0, end=1.0, renormalize="shift", tile=1), 12, 3000)
+  shifted = taper.layer_widths(TaperSpec(start=2.0, end=1.0, renormalize="shift", tile=1), 12, 3000)
   assert all(abs(a - b) <= 1 for a, b in zip(shifted, paper))
   assert sum(shifted) == 12 * 3000
 
 
 # --- 3. tensor parallelism ----------------------------------------------------
+
 
 @pytest.mark.parametrize("tensor_parallel", [2, 3, 5, 6])
 def test_tensor_parallel_widths_split_evenly_across_devices(tensor_parallel):
@@ -286,20 +284,24 @@ def test_fill_tensor_axis_is_treated_as_one():
 
 # --- 4. custom widths -----------------------------------------------------------
 
+
 def test_custom_widths_are_returned_unchanged():
   widths = [384, 256, 128, 256]
   spec = TaperSpec.from_config(dict(schedule="custom", widths=widths))
   assert taper.layer_widths(spec, 4, 256) == widths
 
 
-@pytest.mark.parametrize("widths,num_layers", [
+@pytest.mark.parametrize(
+  "widths,num_layers",
+  [
     ([384, 256, 128], 4),  # too few entries
     ([384, 256, 128, 256, 0], 4),  # too many entries
     ([400, 240, 128, 256], 4),  # not multiples of the tile
     ([384, 256, 0, 384], 4),  # a zero-width layer
     ([384, 256, 256, 256], 4),  # over budget
     ([256, 256, 128, 256], 4),  # under budget
-])
+  ],
+)
 def test_bad_custom_widths_name_the_field(widths, num_layers):
   spec = TaperSpec(schedule="custom", widths=tuple(widths))
   with pytest.raises(ConfigError, match=r"model\.taper\.widths"):
@@ -314,7 +316,10 @@ def test_custom_widths_must_respect_the_tensor_axis():
 
 # --- 5. clear errors --------------------------------------------------------------
 
-@pytest.mark.parametrize("fields,field_name", [
+
+@pytest.mark.parametrize(
+  "fields,field_name",
+  [
     (dict(schedule="triangle"), r"model\.taper\.schedule"),
     (dict(schedule="cosine", start=0.0), r"model\.taper\.start"),
     (dict(schedule="linear", start=-1.0), r"model\.taper\.start"),
@@ -328,7 +333,8 @@ def test_custom_widths_must_respect_the_tensor_axis():
     (dict(renormalize="stretch"), r"model\.taper\.renormalize"),
     (dict(tile=0), r"model\.taper\.tile"),
     (dict(widht=3), r"model\.taper has unknown field"),
-])
+  ],
+)
 def test_invalid_taper_config_names_the_field(fields, field_name):
   with pytest.raises(ConfigError, match=field_name):
     TaperSpec.from_config(fields)
@@ -361,8 +367,7 @@ def test_shift_renormalization_that_goes_negative_is_rejected():
 
 def test_stepped_sigmoid_with_zero_steepness_is_a_config_error():
   with pytest.raises(ConfigError, match=r"model\.taper\.steepness"):
-    spec = TaperSpec.from_config(
-        dict(schedule="stepped", step_schedule="sigmoid", steepness=0.0))
+    spec = TaperSpec.from_config(dict(schedule="stepped", step_schedule="sigmoid", steepness=0.0))
     taper.layer_widths(spec, 12, 2048)
 
 
@@ -377,6 +382,7 @@ def test_very_steep_sigmoid_gives_a_step_or_a_config_error(steepness):
 
 
 # --- 6. configs and the CLI ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("preset", list(config_lib.TAPERS))
 @pytest.mark.parametrize("scale", list(config_lib.SCALES))
@@ -400,29 +406,43 @@ def test_uniform_twin_is_uniform_and_leaves_the_config_alone():
 
 
 def test_tapered_presets_actually_taper():
-  widths = {p: taper.widths_from_config(load_experiment_config(f"124m,{p}"))
-            for p in config_lib.TAPERS}
+  widths = {
+    p: taper.widths_from_config(load_experiment_config(f"124m,{p}")) for p in config_lib.TAPERS
+  }
   assert len(set(widths["uniform"])) == 1
   assert widths["cosine"][0] > widths["cosine"][-1]
   assert widths["reverse"][0] < widths["reverse"][-1]
   assert widths["reverse"] == widths["cosine"][::-1]
   assert len(set(widths["stepped"])) == 4
-  early, middle, late = (max(range(12), key=widths[p].__getitem__) for p in ("early", "middle", "late"))
+  early, middle, late = (
+    max(range(12), key=widths[p].__getitem__) for p in ("early", "middle", "late")
+  )
   assert early < 4 <= middle < 8 <= late
 
 
 def run_cli(*args):
   return subprocess.run(
-      [sys.executable, "-m", "tlm_jax.taper", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [sys.executable, "-m", "tlm_jax.taper", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_json_report():
   result = run_cli("--config", "configs/tlm_transformer.py:124m", "--json")
   assert result.returncode == 0, result.stderr
   report = json.loads(result.stdout)
-  for key in ("schedule", "widths", "total_params", "uniform_total_params",
-              "param_difference", "flops_per_token", "uniform_flops_per_token"):
+  for key in (
+    "schedule",
+    "widths",
+    "total_params",
+    "uniform_total_params",
+    "param_difference",
+    "flops_per_token",
+    "uniform_flops_per_token",
+  ):
     assert key in report
   assert report["schedule"] == "cosine"
   assert len(report["widths"]) == 12

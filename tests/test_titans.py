@@ -19,8 +19,15 @@ def inputs(length=12, dim=8, hidden=16, depth=2, seed=0):
   eta = jax.nn.sigmoid(jax.random.normal(keys[3], (length,)) + 1.0)
   theta = 0.3 * jax.nn.sigmoid(jax.random.normal(keys[4], (length,)))
   alpha = 0.2 * jax.nn.sigmoid(jax.random.normal(keys[5], (length,)))
-  shapes = [(dim, hidden)] + [(hidden, hidden)] * (depth - 2) + [(hidden, dim)] if depth > 1 else [(dim, dim)]
-  weights = [0.5 * jax.random.normal(kk, s) / np.sqrt(s[0]) for kk, s in zip(jax.random.split(keys[6], depth), shapes)]
+  shapes = (
+    [(dim, hidden)] + [(hidden, hidden)] * (depth - 2) + [(hidden, dim)]
+    if depth > 1
+    else [(dim, dim)]
+  )
+  weights = [
+    0.5 * jax.random.normal(kk, s) / np.sqrt(s[0])
+    for kk, s in zip(jax.random.split(keys[6], depth), shapes)
+  ]
   return weights, q, k, v, eta, theta, alpha
 
 
@@ -43,15 +50,17 @@ def reference(weights, q, k, v, eta, theta, alpha, chunk_size):
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_chunk_size_one_equals_the_token_by_token_rule(depth):
   args = inputs(depth=depth)
-  np.testing.assert_allclose(titans.memory_read(*args, chunk_size=1), reference(*args, 1),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    titans.memory_read(*args, chunk_size=1), reference(*args, 1), atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("chunk_size", [2, 4, 12])
 def test_chunked_equals_a_sequential_loop_of_the_chunked_rule(chunk_size):
   args = inputs()
-  np.testing.assert_allclose(titans.memory_read(*args, chunk_size=chunk_size),
-                             reference(*args, chunk_size), atol=1e-5)
+  np.testing.assert_allclose(
+    titans.memory_read(*args, chunk_size=chunk_size), reference(*args, chunk_size), atol=1e-5
+  )
   assert not np.allclose(reference(*args, chunk_size), reference(*args, 1), atol=1e-4)
 
 

@@ -9,14 +9,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_module(module, *args):
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-  return result, result.stdout[result.stdout.index("{"):] if "{" in result.stdout else ""
+  result = subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+  )
+  return result, result.stdout[result.stdout.index("{") :] if "{" in result.stdout else ""
 
 
 def test_aot_compiles_the_tiny_train_step_for_v5e_2x4():
-  result, out = run_module("tlm_jax.aot", "--config", "configs/tlm_transformer.py:tiny",
-                           "--topology", "v5e:2x4")
+  result, out = run_module(
+    "tlm_jax.aot", "--config", "configs/tlm_transformer.py:tiny", "--topology", "v5e:2x4"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out)
   assert report["chips"] == 8 and report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -26,17 +28,29 @@ def test_aot_compiles_the_tiny_train_step_for_v5e_2x4():
 
 
 def test_aot_says_clearly_when_a_config_does_not_fit():
-  result, out = run_module("tlm_jax.aot", "--config", "configs/tlm_transformer.py:tiny",
-                           "--topology", "v5e:2x4", "--config.train.batch_size=262144")
+  result, out = run_module(
+    "tlm_jax.aot",
+    "--config",
+    "configs/tlm_transformer.py:tiny",
+    "--topology",
+    "v5e:2x4",
+    "--config.train.batch_size=262144",
+  )
   assert result.returncode != 0
   assert json.loads(out)["fits"] is False
   assert "does NOT fit v5e:2x4" in result.stderr and "RESOURCE_EXHAUSTED" in out
 
 
 def test_bench_reports_tapered_and_uniform_in_one_run():
-  result, out = run_module("tlm_jax.bench", "--config", "configs/tlm_transformer.py:tiny",
-                           "--config.train.batch_size=8", "--config.train.seq_len=32",
-                           "--steps", "2")
+  result, out = run_module(
+    "tlm_jax.bench",
+    "--config",
+    "configs/tlm_transformer.py:tiny",
+    "--config.train.batch_size=8",
+    "--config.train.seq_len=32",
+    "--steps",
+    "2",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out)
   tapered, uniform = report["tapered"], report["uniform"]

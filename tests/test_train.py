@@ -1,42 +1,49 @@
 """The trainer end to end: sharding equivalence, preemption and resume, multi-process, errors."""
 
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
+from helpers import run_steps
 
-from tlm_jax import checkpoint, optim, sharding, train
+from tlm_jax import checkpoint, evaluate, sharding, state, train
+from tlm_jax import config as config_lib
 from tlm_jax.data import pipeline
 from tlm_jax.errors import ConfigError
 from tlm_jax.metrics import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import local  # noqa: E402  (launch/local.py)
-from conftest import run_steps  # noqa: E402
+REPO = str(helpers.REPO)
+local = helpers.load_module("launch/local.py")
 
 STEPS = 24
 # A small tapered model, fast on CPU; overrides of configs/demo.py.
 SMALL = dict(
-    **{"model.d_model": 64, "model.mlp_width": 256, "model.num_heads": 4},
-    **{"train.batch_size": 8, "train.seq_len": 64, "train.steps": STEPS,
-       "train.warmup_steps": 4, "train.log_every": 1, "train.eval_every": 12,
-       "train.eval_batches": 2, "train.checkpoint_every": 12})
+  **{"model.d_model": 64, "model.mlp_width": 256, "model.num_heads": 4},
+  **{
+    "train.batch_size": 8,
+    "train.seq_len": 64,
+    "train.steps": STEPS,
+    "train.warmup_steps": 4,
+    "train.log_every": 1,
+    "train.eval_every": 12,
+    "train.eval_batches": 2,
+    "train.checkpoint_every": 12,
+  },
+)
 
 
 def load_demo_config(data_dir, **overrides):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs/demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = helpers.load_config("demo")
   for key, value in {**SMALL, "data.data_dir": str(data_dir), **overrides}.items():
     section, field = key.split(".")
     config[section][field] = value
@@ -45,13 +52,23 @@ def load_demo_config(data_dir, **overrides):
 
 def train_args(workdir, data_dir, **overrides):
   values = {**SMALL, "data.data_dir": str(data_dir), **overrides}
-  return ["--config", os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir),
-          *[f"--config.{k}={v}" for k, v in values.items()]]
+  return [
+    "--config",
+    os.path.join(REPO, "configs/demo.py"),
+    "--workdir",
+    str(workdir),
+    *[f"--config.{k}={v}" for k, v in values.items()],
+  ]
 
 
 def run_train(workdir, data_dir, **overrides):
-  return subprocess.run([sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir, **overrides)],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir, **overrides)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def train_losses(workdir):
@@ -59,12 +76,11 @@ def train_losses(workdir):
 
 
 def restore_params(workdir, config, mesh):
-  tx = optim.make_optimizer(config.train)
-  _, _, _, abstract = train.init_state(config, mesh, tx)
+  abstract = state.setup(config, mesh).abstract_state
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 3)
-  state = ckpt.restore(ckpt.latest_step(), abstract)
+  restored = ckpt.restore(ckpt.latest_step(), abstract)
   ckpt.close()
-  return state
+  return restored
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +93,7 @@ def uninterrupted(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   result = run_train(workdir, data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
+  (workdir.parent / "uninterrupted.stderr").write_text(result.stderr)
   return workdir
 
 
@@ -99,8 +116,9 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir):
   out = []
   for accum in (1, 2):
     config.train.grad_accum = accum
-    losses, state = run_steps(config, [batch], dict(data=-1, fsdp=1, tensor=1), jax.devices())
-    out.append((losses[0], state["params"]["embed"][...]))
+    # 4 devices: each of the 2 microbatches (4 rows) still splits over the batch axes.
+    losses, final = run_steps(config, [batch], dict(data=-1, fsdp=1, tensor=1), jax.devices()[:4])
+    out.append((losses[0], final["params"]["embed"][...]))
   assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
   np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-6)
 
@@ -111,7 +129,9 @@ def test_workdir_contract(uninterrupted):
   assert json.loads((uninterrupted / "widths.json").read_text()) == [384, 320, 192, 128]
   rows = read_metrics(uninterrupted)
   train_rows = [r for r in rows if "split" not in r]
-  assert {"step", "loss", "learning_rate", "tokens_seen", "tokens_per_sec", "mfu"} <= set(train_rows[0])
+  assert {"step", "loss", "learning_rate", "tokens_seen", "tokens_per_sec", "mfu"} <= set(
+    train_rows[0]
+  )
   assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
   evals = [r for r in rows if r.get("split") == "validation"]
   assert [r["step"] for r in evals] == [12, 24]
@@ -123,8 +143,13 @@ def test_workdir_contract(uninterrupted):
 
 def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, data_dir, uninterrupted):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir)],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 300
   while not (workdir / "metrics.jsonl").exists() or len(train_losses(workdir)) < 3:
     assert proc.poll() is None and time.time() < deadline
@@ -162,8 +187,6 @@ def test_checkpoint_restores_onto_another_mesh(data_dir, uninterrupted):
 
 
 def test_raising_steps_continues_a_finished_run(tmp_path, data_dir, uninterrupted):
-  import shutil
-
   workdir = tmp_path / "continued"
   shutil.copytree(uninterrupted, workdir)
   result = run_train(workdir, data_dir, **{"train.steps": STEPS + 4})
@@ -177,17 +200,21 @@ def test_two_processes_match_one(tmp_path, data_dir, uninterrupted):
   assert code == 0, (workdir / "process_1.log").read_text()[-3000:]
   want, got = train_losses(uninterrupted), train_losses(workdir)
   assert sorted(got) == sorted(want)
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-4
+  )
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, uninterrupted):
-  import shutil
-
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+  tmp_path, data_dir, uninterrupted
+):
   workdir = tmp_path / "nan"
   shutil.copytree(uninterrupted, workdir)
-  result = run_train(workdir, data_dir, **{"train.steps": STEPS + 6, "train.learning_rate": 1e30,
-                                           "train.checkpoint_every": 1000})
+  result = run_train(
+    workdir,
+    data_dir,
+    **{"train.steps": STEPS + 6, "train.learning_rate": 1e30, "train.checkpoint_every": 1000},
+  )
   assert result.returncode != 0
   assert "non-finite" in result.stderr and f"last good checkpoint is step {STEPS}" in result.stderr
   assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 3).latest_step() == STEPS
@@ -198,7 +225,9 @@ def test_bad_inputs_fail_early_with_the_field(tmp_path, data_dir):
     sharding.make_mesh(dict(data=3, fsdp=2, tensor=2))
   with pytest.raises(ConfigError, match="train.batch_size=6"):
     sharding.check_batch(6, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
-  missing = run_train(tmp_path / "w", data_dir, **{"data.source": "tfds", "data.name": "no_such_set"})
+  missing = run_train(
+    tmp_path / "w", data_dir, **{"data.source": "tfds", "data.name": "no_such_set"}
+  )
   assert missing.returncode != 0 and "data.name" in missing.stderr
   (tmp_path / "file_not_dir").write_text("")
   with pytest.raises(ConfigError, match="checkpoint directory"):
@@ -208,8 +237,13 @@ def test_bad_inputs_fail_early_with_the_field(tmp_path, data_dir):
 
 
 def test_evaluate_cli_reports_the_latest_checkpoint(uninterrupted):
-  result = subprocess.run([sys.executable, "-m", "tlm_jax.evaluate", "--workdir", str(uninterrupted)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "tlm_jax.evaluate", "--workdir", str(uninterrupted)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   row = json.loads(result.stdout.strip().splitlines()[-1])
   assert row["step"] == STEPS and row["split"] == "validation"
@@ -218,3 +252,85 @@ def test_evaluate_cli_reports_the_latest_checkpoint(uninterrupted):
   assert row["perplexity"] == pytest.approx(np.exp(row["loss"]))
   assert 0 < row["unigram_bits_per_byte"] < 8 and row["bits_per_byte"] > 0
   assert json.loads((uninterrupted / f"eval_validation_{STEPS}.json").read_text()) == row
+
+
+ABSL_INFO = re.compile(r"^I\d{4} ", re.MULTILINE)  # absl's INFO prefix, e.g. I1125 16:40:43.58
+
+
+def test_console_is_quiet_and_plain_in_a_log_file(uninterrupted):
+  stderr = (uninterrupted.parent / "uninterrupted.stderr").read_text()
+  assert not ABSL_INFO.search(stderr), stderr[:2000]
+  assert "\r" not in stderr  # no carriage-return redraws in a file
+  progress = [line for line in stderr.splitlines() if line.startswith("step ")]
+  assert progress[0].startswith("step 1/24 loss ") and progress[-1].startswith("step 24/24 ")
+
+
+def test_verbosity_flag_brings_the_library_logs_back(uninterrupted):
+  cmd = [sys.executable, "-m", "tlm_jax.evaluate", "--workdir", str(uninterrupted)]
+  loud = subprocess.run(
+    [*cmd, "--verbosity=1"], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert loud.returncode == 0, loud.stderr[-3000:]
+  assert ABSL_INFO.search(loud.stderr)
+
+
+@pytest.mark.parametrize("field, value", [("learning_rate", -1), ("seq_len", 0), ("batch_size", 0)])
+def test_bad_train_values_are_one_line_errors_with_exit_status_2(tmp_path, data_dir, field, value):
+  result = run_train(tmp_path / "w", data_dir, **{f"train.{field}": value})
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith(f"error: train.{field}={value}")
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()  # stopped before anything ran
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one(
+  tmp_path, data_dir, uninterrupted
+):
+  workdir = tmp_path / "damaged"
+  shutil.copytree(uninterrupted, workdir)
+  data_files = [
+    f for f in (workdir / "checkpoints" / str(STEPS)).rglob("*") if f.parent.name == "d"
+  ]
+  assert data_files
+  for f in data_files:
+    os.truncate(f, f.stat().st_size // 2)
+  result = run_train(workdir, data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"warning: checkpoint {STEPS} in" in result.stderr
+  assert "resuming from step 12" in result.stdout
+  assert (workdir / "checkpoints.damaged" / str(STEPS)).is_dir()  # kept, not deleted
+  want, got = train_losses(uninterrupted), train_losses(workdir)
+  assert got[STEPS] == want[STEPS]
+
+
+def test_a_workdir_of_the_first_config_format_evaluates_and_resumes(tmp_path, data_dir):
+  """tests/fixtures/config_v1.json was written by the trainer before the typed spec."""
+  old = config_lib.from_json(str(helpers.REPO / "tests" / "fixtures" / "config_v1.json"))
+  old.data.data_dir = str(data_dir)
+  workdir = tmp_path / "v1"
+  train.train(old, str(workdir))
+  shutil.copy(helpers.REPO / "tests" / "fixtures" / "config_v1.json", workdir / "config.json")
+  with open(workdir / "config.json") as f:
+    saved = json.load(f)
+  saved["data"]["data_dir"] = str(data_dir)
+  (workdir / "config.json").write_text(json.dumps(saved))
+  row = evaluate.evaluate_workdir(str(workdir))
+  assert row["step"] == old.train.steps and math.isfinite(row["loss"])
+  resumed = config_lib.from_json(str(workdir / "config.json"))
+  resumed.train.steps += 2
+  assert train.train(resumed, str(workdir))["step"] == old.train.steps + 2
+
+
+def test_a_nan_stop_gives_the_signal_handlers_back(tmp_path, data_dir):
+  def mine(signum, frame):
+    del signum, frame
+
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    config = load_demo_config(data_dir)
+    config.train.update(steps=4, log_every=2, learning_rate=1e30)
+    with pytest.raises(FloatingPointError, match="there is no checkpoint yet"):
+      train.train(config, str(tmp_path / "nan"))
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)

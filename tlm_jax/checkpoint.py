@@ -1,52 +1,129 @@
 """Orbax checkpoints holding the train state and the Grain iterator position together.
 
 Saves are async and atomic (Orbax writes to a temporary folder and renames),
-so a run killed mid-save keeps its previous checkpoint.
+so a run killed mid-save keeps its previous checkpoint. A checkpoint damaged
+later (a truncated copy, a bad disk) is moved aside by `restore_latest`, which
+goes on from the newest one that still reads.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from tlm_jax.errors import ConfigError
 
 
-class Checkpointer:
+def _brief(e: Exception, limit: int = 200) -> str:
+  """One short line of `e`: tensorstore errors run to kilobytes of spec JSON."""
+  text = str(e).strip().split("\n")[0].split(" [tensorstore_spec")[0] or "no message"
+  text = f"{type(e).__name__}: {text}"
+  # Keep both ends: the head says what was read, the tail why it failed.
+  return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
 
+
+class Checkpointer:
   def __init__(self, directory: str, keep: int):
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not (os.path.isdir(directory) and os.access(directory, os.R_OK | os.W_OK | os.X_OK)):
+    if os.path.exists(directory) and not (
+      os.path.isdir(directory) and os.access(directory, os.R_OK | os.W_OK | os.X_OK)
+    ):
       raise ConfigError(
-          f"checkpoint directory {directory} is not a readable, writable folder; "
-          "fix its permissions or choose another --workdir")
+        f"checkpoint directory {directory} is not a readable, writable folder; "
+        "fix its permissions or choose another --workdir"
+      )
+    self.directory = directory
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
     return self.manager.save(
-        step, force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=grain.checkpoint.CheckpointSave(data_iter)))
+      step,
+      force=force,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
+      ),
+    )
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
-    """The saved state laid out as `abstract_state` (its shardings: any mesh works)."""
+  def _restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
     args = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    """The saved state laid out as `abstract_state` (its shardings: any mesh works)."""
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+      return self._restore(step, abstract_state, data_iter)
+    except Exception as e:  # tensorstore and Orbax raise many types for bad files
       raise ConfigError(
-          f"checkpoint {step} in {self.manager.directory} could not be read ({e}); it does "
-          "not match this config's model, or it is damaged: use another --workdir") from e
-    return restored["state"]
+        f"checkpoint {step} in {self.directory} could not be read ({_brief(e)}); it does "
+        "not match this config's model, or it is damaged: use another --workdir"
+      ) from e
+
+  def restore_latest(
+    self, abstract_state: Any, data_iter: Any | None = None
+  ) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores; (None, None) when there is none.
+
+    Newer checkpoints that fail are moved aside only once an older one restores:
+    when none does, the config (not the files) is the likely culprit, so all stay.
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state = self._restore(step, abstract_state, data_iter)
+      except Exception as e:  # tensorstore and Orbax raise many types for bad files
+        failed.append((step, _brief(e)))
+        continue
+      for bad, why in failed:
+        where = self._move_aside(bad)
+        if jax.process_index() == 0:
+          print(
+            f"warning: checkpoint {bad} in {self.directory} could not be restored ({why}); "
+            f"it was moved to {where} and the run goes on from step {step}",
+            file=sys.stderr,
+            flush=True,
+          )
+      if failed:
+        self.manager.reload()
+      return step, state
+    if failed:
+      reasons = "; ".join(f"step {s}: {why}" for s, why in failed)
+      raise ConfigError(
+        f"no checkpoint in {self.directory} could be restored ({reasons}): they do not match "
+        "this config's model or are damaged; use another --workdir"
+      )
+    return None, None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step to `<dir>.damaged/`, where max_to_keep never deletes it.
+
+    Out of the manager's folder, a new save of the same step cannot collide with it.
+    Process 0 moves it and the others wait: this assumes the checkpoint folder is one
+    shared filesystem, as Orbax itself does.
+    """
+    where = os.path.join(self.directory + ".damaged", str(step))
+    n = 1
+    while os.path.exists(where):  # the same step damaged again after a later save
+      where, n = os.path.join(self.directory + ".damaged", f"{step}.{n}"), n + 1
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(where), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), where)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"tlm_jax checkpoint {step} moved aside")
+    return where
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -1,10 +1,20 @@
-"""Config defaults shared by every experiment file in configs/.
+"""Config defaults, scales and presets, and the typed model spec, validated in one place.
 
-An experiment file calls `base_config()`, then picks a scale and a taper
-preset; any field can still be overridden with `--config.x=y`.
+An experiment file in configs/ parses its arg with `parse_arg` and builds its
+config with `experiment` (or `base_config`); any field can still be
+overridden with `--config.x=y`. The ConfigDict stays the CLI and file
+surface (a workdir's `config.json`); `validate(config)` checks every section
+once and returns the frozen `ModelSpec` the model is built from. Pure Python:
+nothing here imports JAX.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any
 
 import ml_collections
 
@@ -15,37 +25,82 @@ from tlm_jax.errors import ConfigError
 # (a multiple of 128) and a 32K vocabulary (the Llama-2 tokenizer of the
 # likely recipe). Parameter totals are those of the uniform model.
 SCALES = {
-    # CPU tests and demos: byte vocabulary, widths in 32-wide tiles.
-    "tiny": dict(vocab_size=256, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                 mlp_width=256, tile=32),
-    # GPT-2-small shape (d768, 12 layers), 134M params untied.
-    "124m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
-                 mlp_width=2048, tile=128),
-    # Ablation scale, 30 layers (thirds of 10), 439M params.
-    "440m": dict(vocab_size=32000, d_model=1024, num_layers=30, num_heads=16, num_kv_heads=16,
-                 mlp_width=2688, tile=128),
-    # 778M params.
-    "760m": dict(vocab_size=32000, d_model=1536, num_layers=24, num_heads=12, num_kv_heads=12,
-                 mlp_width=4096, tile=128),
-    # 1.35B params.
-    "1.3b": dict(vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16,
-                 mlp_width=5504, tile=128),
+  # CPU tests and demos: byte vocabulary, widths in 32-wide tiles.
+  "tiny": dict(
+    vocab_size=256, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2, mlp_width=256, tile=32
+  ),
+  # GPT-2-small shape (d768, 12 layers), 134M params untied.
+  "124m": dict(
+    vocab_size=32000,
+    d_model=768,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=12,
+    mlp_width=2048,
+    tile=128,
+  ),
+  # Ablation scale, 30 layers (thirds of 10), 439M params.
+  "440m": dict(
+    vocab_size=32000,
+    d_model=1024,
+    num_layers=30,
+    num_heads=16,
+    num_kv_heads=16,
+    mlp_width=2688,
+    tile=128,
+  ),
+  # 778M params.
+  "760m": dict(
+    vocab_size=32000,
+    d_model=1536,
+    num_layers=24,
+    num_heads=12,
+    num_kv_heads=12,
+    mlp_width=4096,
+    tile=128,
+  ),
+  # 1.35B params.
+  "1.3b": dict(
+    vocab_size=32000,
+    d_model=2048,
+    num_layers=24,
+    num_heads=16,
+    num_kv_heads=16,
+    mlp_width=5504,
+    tile=128,
+  ),
 }
 
 # Taper presets: (field overrides of model.taper). The group multipliers of the
 # paper's thirds experiment are unpublished; ours put 1.5x on one third and
 # 0.75x on the other two, so the mean stays 1.
 TAPERS = {
-    "uniform": dict(schedule="uniform"),
-    "cosine": dict(schedule="cosine", start=1.5, end=0.5),  # the paper's best
-    "reverse": dict(schedule="cosine", start=0.5, end=1.5),  # late-heavy: hurts
-    "linear": dict(schedule="linear", start=1.5, end=0.5),
-    "sigmoid": dict(schedule="sigmoid", start=1.5, end=0.5),
-    "early": dict(schedule="thirds", thirds=(1.5, 0.75, 0.75)),
-    "middle": dict(schedule="thirds", thirds=(0.75, 1.5, 0.75)),
-    "late": dict(schedule="thirds", thirds=(0.75, 0.75, 1.5)),
-    "stepped": dict(schedule="stepped", start=1.5, end=0.5, steps=4, step_schedule="cosine"),
+  "uniform": dict(schedule="uniform"),
+  "cosine": dict(schedule="cosine", start=1.5, end=0.5),  # the paper's best
+  "reverse": dict(schedule="cosine", start=0.5, end=1.5),  # late-heavy: hurts
+  "linear": dict(schedule="linear", start=1.5, end=0.5),
+  "sigmoid": dict(schedule="sigmoid", start=1.5, end=0.5),
+  "early": dict(schedule="thirds", thirds=(1.5, 0.75, 0.75)),
+  "middle": dict(schedule="thirds", thirds=(0.75, 1.5, 0.75)),
+  "late": dict(schedule="thirds", thirds=(0.75, 0.75, 1.5)),
+  "stepped": dict(schedule="stepped", start=1.5, end=0.5, steps=4, step_schedule="cosine"),
 }
+
+BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
+GATES = ("headwise", "elementwise")
+TITANS_VARIANTS = ("mag", "mal", "mac")
+LAYERS_MODES = ("unrolled", "grouped")
+REMATS = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+TAPER_SCHEDULES = ("uniform", "cosine", "linear", "sigmoid", "thirds", "stepped", "custom")
+SMOOTH_SCHEDULES = ("cosine", "linear", "sigmoid")  # what a `stepped` taper may approximate
+RENORMALIZE = ("scale", "shift")
+LR_SCHEDULES = ("cosine", "constant", "wsd")
+DATA_SOURCES = ("builtin", "local", "tfds")
+TOKENIZERS = ("byte", "sentencepiece")
+DISTRIBUTED = ("auto", "yes", "no")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -76,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Titans (backbone="titans"); memory sizes and gate ranges are unpublished.
   m.titans = ml_collections.ConfigDict()
-  m.titans.variant = "mag"  # mag (memory as a gate) | mal (memory as a layer)
+  m.titans.variant = "mag"  # mag (memory as a gate) | mal (memory as a layer) | mac (context)
   m.titans.chunk_size = 64  # tokens whose inner gradients share one memory state
   m.titans.memory_depth = 2  # linear layers in each head's memory MLP
   m.titans.memory_width = 128  # hidden width of the memory MLP
@@ -152,29 +207,374 @@ def parse_arg(arg: str | None, default_scale: str) -> tuple[str, str]:
   preset = parts[1] if len(parts) > 1 else "cosine"
   if scale not in SCALES or preset not in TAPERS or len(parts) > 2:
     raise ConfigError(
-        f"config arg {arg!r} should be SCALE[,TAPER] with SCALE in {list(SCALES)} "
-        f"and TAPER in {list(TAPERS)}")
+      f"config arg {arg!r} should be SCALE[,TAPER] with SCALE in {list(SCALES)} "
+      f"and TAPER in {list(TAPERS)}"
+    )
   return scale, preset
 
 
-def apply_scale(config: ml_collections.ConfigDict, scale: str) -> None:
+def experiment(scale: str, preset: str, backbone: str) -> ml_collections.ConfigDict:
+  """A backbone at a scale with a taper preset; tiny runs in float32 at seq 128 for CPU tests."""
+  config = base_config()
+  config.model.backbone = backbone
   shape = dict(SCALES[scale])
   config.model.taper.tile = shape.pop("tile")
   config.model.update(shape)
-
-
-def apply_taper(config: ml_collections.ConfigDict, preset: str) -> None:
   config.model.taper.update(TAPERS[preset])
-
-
-def experiment(arg: str | None, backbone: str, default_scale: str) -> ml_collections.ConfigDict:
-  """A backbone at a scale ('SCALE[,TAPER]'); tiny runs in float32 at seq 128 for CPU tests."""
-  scale, taper = parse_arg(arg, default_scale)
-  config = base_config()
-  config.model.backbone = backbone
-  apply_scale(config, scale)
-  apply_taper(config, taper)
   if scale == "tiny":
     config.model.dtype = "float32"
     config.train.seq_len = 128
   return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """A config file as `--config` reads it: 'path/to/file.py[:ARG]' -> get_config(ARG)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path} not found")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  """A workdir's config.json laid over today's defaults, so older workdirs (missing fields
+  added since) still load; fields a newer version wrote are kept as they are."""
+  if not os.path.exists(path):
+    raise ConfigError(f"{path} not found: --workdir must be a folder written by tlm_jax.train")
+  with open(path) as f:
+    saved = json.load(f)
+  config = base_config()
+  _overlay(config, saved)
+  return config
+
+
+def _overlay(node: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+      _overlay(node[key], value)
+    elif key in node and isinstance(node[key], tuple):
+      node[key] = tuple(value)
+    elif key in node:
+      node[key] = value
+    else:
+      with node.unlocked():
+        node[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+# ---------------------------------------------------------------------------
+# The typed model spec.
+# ---------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _is_int(value: Any, low: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+  _require(value in choices, f"{field}={value!r} is unknown; use one of {choices}")
+
+
+def _check_ints(section: str, values: dict[str, Any], low: int) -> None:
+  for field, value in values.items():
+    what = "a positive integer" if low == 1 else f"an integer >= {low}"
+    _require(_is_int(value, low), f"{section}.{field}={value!r} must be {what}")
+
+
+def _from_section(cls: type, section: Any, name: str) -> Any:
+  """A spec dataclass from a ConfigDict section; missing fields take the defaults (older
+  workdirs), unknown ones are an error (a typo would otherwise be ignored)."""
+  values = dict(section)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  _require(not unknown, f"{name} has unknown field(s) {unknown}; known: {sorted(fields)}")
+  for key, value in values.items():
+    if isinstance(value, (list, tuple)):
+      values[key] = tuple(value)
+  return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaperSpec:
+  """The taper part of a config (`config.model.taper`).
+
+  start/end: width ratios of the first and last layer to the base width.
+  steepness: slope of the sigmoid schedule in units of depth (unpublished in
+    the paper; 10 puts ~99% of the change inside the stack).
+  thirds: multipliers of the early, middle and late thirds.
+  steps / step_schedule: a `stepped` taper uses `steps` distinct widths that
+    approximate `step_schedule`, so grouped layers compile into `steps` scans.
+  widths: explicit per-layer widths for `custom`.
+  renormalize: how ratios that miss the budget are brought back to it (the
+    paper does not say): `scale` multiplies every ideal width by the same
+    factor, `shift` adds the same amount to every layer.
+  tile: every width is a multiple of this (128 suits TPU MXUs and GPU tiles).
+  """
+
+  schedule: str = "cosine"
+  start: float = 1.5
+  end: float = 0.5
+  steepness: float = 10.0
+  thirds: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  steps: int = 4
+  step_schedule: str = "cosine"
+  widths: tuple[int, ...] = ()
+  renormalize: str = "scale"
+  tile: int = 128
+
+  @classmethod
+  def from_config(cls, taper_cfg: Any) -> TaperSpec:
+    spec = _from_section(cls, taper_cfg, "model.taper")
+    spec.validate()
+    return spec
+
+  def validate(self) -> None:
+    _check_choice("model.taper.schedule", self.schedule, TAPER_SCHEDULES)
+    _check_choice("model.taper.renormalize", self.renormalize, RENORMALIZE)
+    _check_ints("model.taper", dict(tile=self.tile), 1)
+    if self.schedule == "stepped":
+      _check_choice("model.taper.step_schedule", self.step_schedule, SMOOTH_SCHEDULES)
+      _check_ints("model.taper", dict(steps=self.steps), 1)
+    if self.schedule in SMOOTH_SCHEDULES + ("stepped",):
+      _require(
+        self.start > 0 and self.end > 0,
+        f"model.taper.start={self.start} and model.taper.end={self.end} must both be "
+        "positive: a layer cannot have zero or negative MLP width",
+      )
+    if self.schedule == "thirds":
+      _require(
+        len(self.thirds) == 3 and min(self.thirds) > 0,
+        f"model.taper.thirds={self.thirds} must be three positive multipliers "
+        "(early, middle, late)",
+      )
+    uses_sigmoid = "sigmoid" in (self.schedule, self.schedule == "stepped" and self.step_schedule)
+    if uses_sigmoid:
+      _require(self.steepness > 0, f"model.taper.steepness={self.steepness} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansSpec:
+  """`model.titans`: the neural memory (sizes and gate ranges are unpublished)."""
+
+  variant: str = "mag"
+  chunk_size: int = 64
+  memory_depth: int = 2
+  memory_width: int = 128
+  max_inner_lr: float = 0.02
+
+  def validate(self) -> None:
+    _check_choice("model.titans.variant", self.variant, TITANS_VARIANTS)
+    fields = ("chunk_size", "memory_depth", "memory_width")
+    _check_ints("model.titans", {f: getattr(self, f) for f in fields}, 1)
+    _require(self.max_inner_lr >= 0, f"model.titans.max_inner_lr={self.max_inner_lr} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class HopeSpec:
+  """`model.hope`: Continuum Memory System levels, fastest first."""
+
+  chunk_sizes: tuple[int, ...] = (16, 64, 0)
+  width_fractions: tuple[float, ...] = (0.25, 0.25, 0.5)
+  inner_lrs: tuple[float, ...] = (0.01, 0.01, 0.0)
+  level_tile: int = 128
+
+  def validate(self) -> None:
+    sizes, fractions, lrs = self.chunk_sizes, self.width_fractions, self.inner_lrs
+    _require(
+      len(sizes) == len(fractions) == len(lrs) >= 1,
+      "model.hope.chunk_sizes, width_fractions and inner_lrs need one entry per level; "
+      f"got {sizes}, {fractions}, {lrs}",
+    )
+    _require(
+      all(_is_int(c, 0) for c in sizes),
+      f"model.hope.chunk_sizes={sizes} must be integers >= 0 (0: ordinary weights)",
+    )
+    _require(
+      min(fractions) > 0 and abs(sum(fractions) - 1) <= 1e-6,
+      f"model.hope.width_fractions={fractions} must be positive and sum to 1",
+    )
+    _check_ints("model.hope", dict(level_tile=self.level_tile), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """`config.model`, validated; the model package reads nothing else.
+
+  `head_dim` is resolved (0 in the config means d_model // num_heads).
+  """
+
+  backbone: str = "transformer"
+  gate: str = "elementwise"
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0
+  mlp_width: int = 256
+  tie_embeddings: bool = False
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+  attention_window: int = 0
+  persistent_tokens: int = 0
+  layers_mode: str = "unrolled"
+  remat: str = "none"
+  titans: TitansSpec = TitansSpec()
+  hope: HopeSpec = HopeSpec()
+  taper: TaperSpec = TaperSpec()
+
+  @classmethod
+  def from_config(cls, model_cfg: Any) -> ModelSpec:
+    values = dict(model_cfg)
+    nested = dict(titans=TitansSpec, hope=HopeSpec, taper=TaperSpec)
+    for name, spec_cls in nested.items():
+      if name in values:
+        values[name] = _from_section(spec_cls, values[name], f"model.{name}")
+    spec = _from_section(cls, values, "model")
+    spec.validate()
+    return dataclasses.replace(spec, head_dim=spec.head_dim or spec.d_model // spec.num_heads)
+
+  def validate(self) -> None:
+    _check_choice("model.backbone", self.backbone, BACKBONES)
+    _check_choice("model.gate", self.gate, GATES)
+    sizes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_width")
+    _check_ints("model", {f: getattr(self, f) for f in sizes}, 1)
+    _require(
+      _is_int(self.head_dim, 0),
+      f"model.head_dim={self.head_dim!r} must be a non-negative integer (0: d_model // num_heads)",
+    )
+    _require(
+      self.head_dim or self.d_model % self.num_heads == 0,
+      f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}: "
+      "choose a head count that divides d_model, or set model.head_dim explicitly",
+    )
+    _require(
+      self.num_heads % self.num_kv_heads == 0,
+      f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads="
+      f"{self.num_heads}: grouped-query attention shares each kv head among an equal "
+      "number of query heads",
+    )
+    head_dim = self.head_dim or self.d_model // self.num_heads
+    _require(head_dim % 2 == 0, f"head dim {head_dim} is odd; RoPE needs an even model.head_dim")
+    _check_choice("model.layers_mode", self.layers_mode, LAYERS_MODES)
+    _check_choice("model.remat", self.remat, REMATS)
+    _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("model.dtype", self.dtype, DTYPES)
+    _check_choice("model.param_dtype", self.param_dtype, DTYPES)
+    windows = dict(attention_window=self.attention_window, persistent_tokens=self.persistent_tokens)
+    _check_ints("model", windows, 0)
+    if self.attention_impl == "cudnn":
+      _require(
+        not (self.attention_window or self.persistent_tokens),
+        "model.attention_impl='cudnn' takes no model.attention_window or "
+        "model.persistent_tokens here; use attention_impl='xla'",
+      )
+      _require(
+        self.dtype != "float32",
+        "model.attention_impl='cudnn' needs model.dtype bfloat16 or float16",
+      )
+    self.titans.validate()
+    self.hope.validate()
+    self.taper.validate()
+
+
+def model_spec(config: Any) -> ModelSpec:
+  """The validated model spec of a full experiment config."""
+  return ModelSpec.from_config(config.model)
+
+
+def tensor_parallel_size(config: Any) -> int:
+  """The tensor axis size when the config fixes one (-1 means 'fill', unknown here)."""
+  size = config.mesh.tensor if "mesh" in config else 1
+  return size if size > 0 else 1
+
+
+# ---------------------------------------------------------------------------
+# The other sections, checked in the same place.
+# ---------------------------------------------------------------------------
+
+
+def validate_train(tcfg: Any) -> None:
+  positive = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+  )
+  _check_ints("train", {f: tcfg[f] for f in positive}, 1)
+  _check_ints("train", dict(warmup_steps=tcfg.warmup_steps), 0)
+  _require(
+    tcfg.learning_rate > 0,
+    f"train.learning_rate={tcfg.learning_rate} must be positive (a negative rate ascends the loss)",
+  )
+  _check_choice("train.lr_schedule", tcfg.lr_schedule, LR_SCHEDULES)
+  _require(
+    tcfg.warmup_steps < tcfg.steps or tcfg.lr_schedule == "constant",
+    f"train.warmup_steps={tcfg.warmup_steps} must be below train.steps={tcfg.steps}",
+  )
+  for field in ("min_lr_ratio", "decay_fraction"):
+    _require(0 <= tcfg[field] <= 1, f"train.{field}={tcfg[field]} must lie in [0, 1]")
+  for field in ("b1", "b2"):
+    _require(0 <= tcfg[field] < 1, f"train.{field}={tcfg[field]} must lie in [0, 1)")
+  for field in ("eps", "grad_clip"):
+    _require(tcfg[field] > 0, f"train.{field}={tcfg[field]} must be positive")
+  _require(tcfg.weight_decay >= 0, f"train.weight_decay={tcfg.weight_decay} must be >= 0")
+  _require(tcfg.peak_flops >= 0, f"train.peak_flops={tcfg.peak_flops} must be >= 0 (0: look up)")
+  _require(
+    tcfg.batch_size % tcfg.grad_accum == 0,
+    f"train.batch_size={tcfg.batch_size} must split into train.grad_accum={tcfg.grad_accum} "
+    "equal microbatches",
+  )
+
+
+def validate_data(dcfg: Any) -> None:
+  _check_choice("data.source", dcfg.source, DATA_SOURCES)
+  _check_choice("data.tokenizer", dcfg.tokenizer, TOKENIZERS)
+  _check_ints("data", dict(worker_count=dcfg.worker_count), 0)
+  _require(
+    dcfg.source != "tfds" or bool(dcfg.name),
+    "data.source='tfds' needs data.name (a prepared TFDS dataset, e.g. lm1b)",
+  )
+  _require(
+    dcfg.source != "local" or bool(dcfg.files),
+    "data.source='local' needs data.files (glob(s) of .txt / .jsonl files)",
+  )
+  _require(
+    dcfg.tokenizer != "sentencepiece" or bool(dcfg.spm_model),
+    "data.tokenizer='sentencepiece' needs data.spm_model (train one with "
+    "python -m tlm_jax.data.tokenizers)",
+  )
+
+
+def validate_mesh(mesh_cfg: Any) -> None:
+  sizes = {a: mesh_cfg[a] for a in MESH_AXES}
+  _require(
+    all(_is_int(s, 1) or s == -1 for s in sizes.values()) and list(sizes.values()).count(-1) <= 1,
+    f"mesh sizes {sizes} must be positive integers, with at most one -1 (fill)",
+  )
+
+
+def validate(config: Any) -> ModelSpec:
+  """Check every section of an experiment config once; the model spec it describes."""
+  _require(_is_int(config.seed, 0), f"seed={config.seed!r} must be an integer >= 0")
+  spec = model_spec(config)
+  validate_train(config.train)
+  validate_data(config.data)
+  validate_mesh(config.mesh)
+  _check_choice("distributed.enabled", config.distributed.enabled, DISTRIBUTED)
+  return spec

@@ -7,18 +7,13 @@ from typing import Any
 import jax
 import optax
 
-from tlm_jax.errors import ConfigError
-
-SCHEDULES = ("cosine", "constant", "wsd")
-
 
 def learning_rate_schedule(tcfg: Any) -> optax.Schedule:
-  """Linear warmup, then cosine to min_lr_ratio * lr, constant, or WSD's final linear decay."""
+  """Linear warmup, then cosine to min_lr_ratio * lr, constant, or WSD's final linear decay.
+
+  `tcfg` is a validated train section (config.validate_train).
+  """
   peak, warmup, steps = tcfg.learning_rate, tcfg.warmup_steps, tcfg.steps
-  if tcfg.lr_schedule not in SCHEDULES:
-    raise ConfigError(f"train.lr_schedule={tcfg.lr_schedule!r} is unknown; use one of {SCHEDULES}")
-  if warmup >= steps and tcfg.lr_schedule != "constant":
-    raise ConfigError(f"train.warmup_steps={warmup} must be below train.steps={steps}")
   floor = peak * tcfg.min_lr_ratio
   ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
   if tcfg.lr_schedule == "constant":
@@ -29,7 +24,8 @@ def learning_rate_schedule(tcfg: Any) -> optax.Schedule:
     decay = max(1, int(tcfg.decay_fraction * steps))
     stable = max(0, steps - warmup - decay)
     rest = optax.join_schedules(
-        [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [stable])
+      [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [stable]
+    )
   return optax.join_schedules([ramp, rest], [warmup])
 
 
@@ -45,7 +41,13 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(tcfg: Any) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(tcfg.grad_clip),
-      optax.adamw(learning_rate_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                  weight_decay=tcfg.weight_decay, mask=decay_mask),
+    optax.clip_by_global_norm(tcfg.grad_clip),
+    optax.adamw(
+      learning_rate_schedule(tcfg),
+      b1=tcfg.b1,
+      b2=tcfg.b2,
+      eps=tcfg.eps,
+      weight_decay=tcfg.weight_decay,
+      mask=decay_mask,
+    ),
   )

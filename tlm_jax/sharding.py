@@ -15,49 +15,51 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from tlm_jax.config import MESH_AXES, validate_mesh
 from tlm_jax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (None: replicated).
 RULES = {
-    "batch": BATCH_AXES,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "norm": None,
+  "batch": BATCH_AXES,
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "mlp": "tensor",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "norm": None,
 }
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
   """Axis sizes with one -1 filled in; must multiply to the device count."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")
+  validate_mesh(mesh_cfg)
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if num_devices % known:
       raise ConfigError(
-          f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by the "
-          f"fixed axes ({known}); change mesh.data / mesh.fsdp / mesh.tensor")
+        f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices do not divide by the "
+        f"fixed axes ({known}); change mesh.data / mesh.fsdp / mesh.tensor"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise ConfigError(
-        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-        f"{num_devices} are present; set mesh.data=-1 to fill, or sizes that multiply "
-        f"to {num_devices}")
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+      f"{num_devices} are present; set mesh.data=-1 to fill, or sizes that multiply "
+      f"to {num_devices}"
+    )
   return tuple(sizes)
 
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(
+    np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -94,8 +96,9 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
   parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % parallel:
     raise ConfigError(
-        f"train.batch_size={batch_size} is not divisible by data x fsdp = {parallel} "
-        f"(mesh {dict(mesh.shape)}); use a multiple of {parallel}")
+      f"train.batch_size={batch_size} is not divisible by data x fsdp = {parallel} "
+      f"(mesh {dict(mesh.shape)}); use a multiple of {parallel}"
+    )
 
 
 def initialize_distributed(dist_cfg: Any) -> None:
@@ -114,6 +117,9 @@ def initialize_distributed(dist_cfg: Any) -> None:
     return
   kwargs = {}
   if dist_cfg.coordinator:
-    kwargs = dict(coordinator_address=dist_cfg.coordinator,
-                  num_processes=dist_cfg.num_processes, process_id=dist_cfg.process_id)
+    kwargs = dict(
+      coordinator_address=dist_cfg.coordinator,
+      num_processes=dist_cfg.num_processes,
+      process_id=dist_cfg.process_id,
+    )
   jax.distributed.initialize(**kwargs)

@@ -11,91 +11,16 @@ per-layer table and the parity check against the uniform twin.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from tlm_jax import cli
+from tlm_jax import config as config_lib
+from tlm_jax.config import SMOOTH_SCHEDULES, ModelSpec, TaperSpec
 from tlm_jax.errors import ConfigError
-
-SCHEDULES = ("uniform", "cosine", "linear", "sigmoid", "thirds", "stepped", "custom")
-# Schedules a `stepped` taper may approximate.
-SMOOTH_SCHEDULES = ("cosine", "linear", "sigmoid")
-RENORMALIZE = ("scale", "shift")
-
-
-@dataclasses.dataclass(frozen=True)
-class TaperSpec:
-  """The taper part of a config (`config.model.taper`), validated.
-
-  start/end: width ratios of the first and last layer to the base width.
-  steepness: slope of the sigmoid schedule in units of depth (unpublished in
-    the paper; 10 puts ~99% of the change inside the stack).
-  thirds: multipliers of the early, middle and late thirds.
-  steps / step_schedule: a `stepped` taper uses `steps` distinct widths that
-    approximate `step_schedule`, so grouped layers compile into `steps` scans.
-  widths: explicit per-layer widths for `custom`.
-  renormalize: how ratios that miss the budget are brought back to it (the
-    paper does not say): `scale` multiplies every ideal width by the same
-    factor, `shift` adds the same amount to every layer.
-  tile: every width is a multiple of this (128 suits TPU MXUs and GPU tiles).
-  """
-
-  schedule: str = "cosine"
-  start: float = 1.5
-  end: float = 0.5
-  steepness: float = 10.0
-  thirds: tuple[float, float, float] = (1.0, 1.0, 1.0)
-  steps: int = 4
-  step_schedule: str = "cosine"
-  widths: tuple[int, ...] = ()
-  renormalize: str = "scale"
-  tile: int = 128
-
-  @classmethod
-  def from_config(cls, taper_cfg: Any) -> "TaperSpec":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(taper_cfg).items() if k in fields}
-    unknown = set(dict(taper_cfg)) - fields
-    if unknown:
-      raise ConfigError(
-          f"model.taper has unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
-    for key in ("thirds", "widths"):
-      if key in values:
-        values[key] = tuple(values[key])
-    spec = cls(**values)
-    spec.validate()
-    return spec
-
-  def validate(self) -> None:
-    if self.schedule not in SCHEDULES:
-      raise ConfigError(
-          f"model.taper.schedule={self.schedule!r} is unknown; use one of {SCHEDULES}")
-    if self.schedule == "stepped" and self.step_schedule not in SMOOTH_SCHEDULES:
-      raise ConfigError(
-          f"model.taper.step_schedule={self.step_schedule!r} is unknown; "
-          f"use one of {SMOOTH_SCHEDULES}")
-    if self.renormalize not in RENORMALIZE:
-      raise ConfigError(
-          f"model.taper.renormalize={self.renormalize!r} is unknown; use one of {RENORMALIZE}")
-    if not (isinstance(self.tile, int) and self.tile > 0):
-      raise ConfigError(f"model.taper.tile={self.tile!r} must be a positive integer")
-    if self.schedule in SMOOTH_SCHEDULES + ("stepped",):
-      if not (self.start > 0 and self.end > 0):
-        raise ConfigError(
-            f"model.taper.start={self.start} and model.taper.end={self.end} must both be "
-            "positive: a layer cannot have zero or negative MLP width")
-    if self.schedule == "thirds":
-      if len(self.thirds) != 3 or min(self.thirds) <= 0:
-        raise ConfigError(
-            f"model.taper.thirds={self.thirds} must be three positive multipliers "
-            "(early, middle, late)")
-    if self.schedule == "stepped" and not (isinstance(self.steps, int) and self.steps >= 1):
-      raise ConfigError(f"model.taper.steps={self.steps!r} must be an integer >= 1")
-    uses_sigmoid = "sigmoid" in (self.schedule, self.schedule == "stepped" and self.step_schedule)
-    if uses_sigmoid and self.steepness <= 0:
-      raise ConfigError(f"model.taper.steepness={self.steepness} must be positive")
+from tlm_jax.model import costs
 
 
 def rounding_multiple(tile: int, tensor_parallel: int = 1) -> int:
@@ -108,8 +33,9 @@ def _logistic(z: float) -> float:
   return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
-def _profile(schedule: str, num_layers: int, start: float, end: float,
-             steepness: float) -> list[float]:
+def _profile(
+  schedule: str, num_layers: int, start: float, end: float, steepness: float
+) -> list[float]:
   """Width ratios per layer for the smooth schedules (PAPERS.md section 1).
 
   With the L-1 denominator each profile is antisymmetric about the middle
@@ -138,7 +64,9 @@ def split_evenly(num_layers: int, parts: int) -> list[int]:
   return [n for n in sizes if n > 0]
 
 
-def ideal_widths(spec: TaperSpec, num_layers: int, base_width: int) -> tuple[list[float], list[int]]:
+def ideal_widths(
+  spec: TaperSpec, num_layers: int, base_width: int
+) -> tuple[list[float], list[int]]:
   """Real-valued widths meeting the budget exactly, and the group sizes.
 
   Layers in one group must share a width (one group per layer except for
@@ -147,7 +75,10 @@ def ideal_widths(spec: TaperSpec, num_layers: int, base_width: int) -> tuple[lis
   if spec.schedule == "uniform":
     return [float(base_width)] * num_layers, [1] * num_layers
   if spec.schedule in SMOOTH_SCHEDULES:
-    ratios, sizes = _profile(spec.schedule, num_layers, spec.start, spec.end, spec.steepness), [1] * num_layers
+    ratios, sizes = (
+      _profile(spec.schedule, num_layers, spec.start, spec.end, spec.steepness),
+      [1] * num_layers,
+    )
   elif spec.schedule == "thirds":
     ratios, sizes = [], [1] * num_layers
     for part, size in enumerate(split_evenly(num_layers, 3)):
@@ -157,7 +88,7 @@ def ideal_widths(spec: TaperSpec, num_layers: int, base_width: int) -> tuple[lis
     sizes = split_evenly(num_layers, min(spec.steps, num_layers))
     ratios, first = [], 0
     for size in sizes:
-      ratios.append(sum(fine[first:first + size]) / size)
+      ratios.append(sum(fine[first : first + size]) / size)
       first += size
   else:
     raise ConfigError(f"model.taper.schedule={spec.schedule!r} has no ideal profile")
@@ -168,9 +99,10 @@ def ideal_widths(spec: TaperSpec, num_layers: int, base_width: int) -> tuple[lis
     ratios = [r + 1 - mean for r in ratios]
     if min(ratios) <= 0:
       raise ConfigError(
-          f"model.taper.renormalize='shift' drives a layer's width to {min(ratios):.3f}x of "
-          "the base: the ratios cannot meet the budget this way; use renormalize='scale' "
-          "or ratios with start + end closer to 2")
+        f"model.taper.renormalize='shift' drives a layer's width to {min(ratios):.3f}x of "
+        "the base: the ratios cannot meet the budget this way; use renormalize='scale' "
+        "or ratios with start + end closer to 2"
+      )
   return [r * base_width for r in ratios], sizes
 
 
@@ -184,8 +116,9 @@ def _direction(values: Sequence[float]) -> int:
   return -1 if down else (1 if up else 0)
 
 
-def repair_to_budget(ideal: Sequence[float], sizes: Sequence[int], total: int,
-                     multiple: int) -> list[int]:
+def repair_to_budget(
+  ideal: Sequence[float], sizes: Sequence[int], total: int, multiple: int
+) -> list[int]:
   """Integer widths (multiples of `multiple`, at least one multiple each) per group.
 
   Chooses, per group, a tile count near the ideal (within the largest group
@@ -197,8 +130,9 @@ def repair_to_budget(ideal: Sequence[float], sizes: Sequence[int], total: int,
   """
   if total % multiple:
     raise ConfigError(
-        f"the MLP budget ({total} = layers x model.mlp_width) is not a multiple of the "
-        f"rounding multiple {multiple} (model.taper.tile, and mesh.tensor when set)")
+      f"the MLP budget ({total} = layers x model.mlp_width) is not a multiple of the "
+      f"rounding multiple {multiple} (model.taper.tile, and mesh.tensor when set)"
+    )
   units = [w / multiple for w in ideal]
   target = total // multiple
   direction = _direction(ideal)
@@ -229,56 +163,59 @@ def repair_to_budget(ideal: Sequence[float], sizes: Sequence[int], total: int,
   finals = [v for (run, _), v in states.items() if run == target]
   if not finals:
     raise ConfigError(
-        f"no widths in multiples of {multiple} near the schedule sum exactly to the budget "
-        f"{total}; the layers would need less than one tile each or the groups cannot "
-        "add up: lower model.taper.tile, raise model.mlp_width, or (stepped) change "
-        "model.taper.steps")
+      f"no widths in multiples of {multiple} near the schedule sum exactly to the budget "
+      f"{total}; the layers would need less than one tile each or the groups cannot "
+      "add up: lower model.taper.tile, raise model.mlp_width, or (stepped) change "
+      "model.taper.steps"
+    )
   return [w * multiple for w in min(finals)[1]]
 
 
-def layer_widths(spec: TaperSpec, num_layers: int, base_width: int,
-                 tensor_parallel: int = 1) -> list[int]:
+def layer_widths(
+  spec: TaperSpec, num_layers: int, base_width: int, tensor_parallel: int = 1
+) -> list[int]:
   """Per-layer MLP widths whose sum is exactly num_layers * base_width."""
   if num_layers < 1:
     raise ConfigError(f"model.num_layers={num_layers} must be at least 1")
   multiple = rounding_multiple(spec.tile, tensor_parallel)
   if base_width % multiple:
+    suggestion = max(1, round(base_width / multiple)) * multiple
     raise ConfigError(
-        f"model.mlp_width={base_width} is not a multiple of {multiple} "
-        f"(model.taper.tile={spec.tile}, mesh.tensor={tensor_parallel}): the uniform twin "
-        f"could not be built; use a multiple such as {max(1, round(base_width / multiple)) * multiple}")
+      f"model.mlp_width={base_width} is not a multiple of {multiple} "
+      f"(model.taper.tile={spec.tile}, mesh.tensor={tensor_parallel}): the uniform twin "
+      f"could not be built; use a multiple such as {suggestion}"
+    )
   total = num_layers * base_width
   if spec.schedule == "custom":
     widths = list(spec.widths)
     if len(widths) != num_layers:
       raise ConfigError(
-          f"model.taper.widths has {len(widths)} entries but model.num_layers={num_layers}")
+        f"model.taper.widths has {len(widths)} entries but model.num_layers={num_layers}"
+      )
     bad = [w for w in widths if w <= 0 or w % multiple]
     if bad:
       raise ConfigError(
-          f"model.taper.widths entries {bad} are not positive multiples of {multiple}")
+        f"model.taper.widths entries {bad} are not positive multiples of {multiple}"
+      )
     if sum(widths) != total:
       raise ConfigError(
-          f"model.taper.widths sum to {sum(widths)} but the budget is {total} "
-          f"(model.num_layers x model.mlp_width): adjust them by {total - sum(widths)}")
+        f"model.taper.widths sum to {sum(widths)} but the budget is {total} "
+        f"(model.num_layers x model.mlp_width): adjust them by {total - sum(widths)}"
+      )
     return widths
   ideal, sizes = ideal_widths(spec, num_layers, base_width)
   group_widths = repair_to_budget(ideal, sizes, total, multiple)
   return [w for w, n in zip(group_widths, sizes) for _ in range(n)]
 
 
-def tensor_parallel_size(config: Any) -> int:
-  """The tensor axis size when the config fixes one (-1 means 'fill', unknown here)."""
-  mesh = config.get("mesh") if hasattr(config, "get") else None
-  size = mesh.get("tensor", 1) if mesh is not None else 1
-  return size if size and size > 0 else 1
+def model_widths(spec: ModelSpec, tensor_parallel: int = 1) -> list[int]:
+  """Per-layer MLP widths of a model spec."""
+  return layer_widths(spec.taper, spec.num_layers, spec.mlp_width, tensor_parallel)
 
 
 def widths_from_config(config: Any) -> list[int]:
   """Per-layer MLP widths for a full experiment config."""
-  model = config.model
-  spec = TaperSpec.from_config(model.taper)
-  return layer_widths(spec, model.num_layers, model.mlp_width, tensor_parallel_size(config))
+  return model_widths(config_lib.model_spec(config), config_lib.tensor_parallel_size(config))
 
 
 def uniform_twin(config: Any) -> Any:
@@ -290,48 +227,55 @@ def uniform_twin(config: Any) -> Any:
 
 def parity_report(config: Any) -> dict[str, Any]:
   """Per-layer params and FLOPs of a config next to its uniform twin."""
-  from tlm_jax.model import costs  # the model defines what a layer costs
-
+  spec = config_lib.model_spec(config)
+  twin = config_lib.model_spec(uniform_twin(config))
   widths = widths_from_config(config)
-  twin = uniform_twin(config)
-  twin_widths = widths_from_config(twin)
+  twin_widths = widths_from_config(uniform_twin(config))
   seq_len = config.train.seq_len
   layers = [
-      dict(layer=l, width=w, ratio=w / config.model.mlp_width,
-           mlp_params=costs.mlp_params(config.model, w),
-           layer_params=costs.layer_params(config.model, w),
-           flops_per_token=costs.layer_flops_per_token(config.model, w, seq_len))
-      for l, w in enumerate(widths)
+    dict(
+      layer=l,
+      width=w,
+      ratio=w / spec.mlp_width,
+      mlp_params=costs.mlp_params(spec, w),
+      layer_params=costs.layer_params(spec, w),
+      flops_per_token=costs.layer_flops_per_token(spec, w, seq_len),
+    )
+    for l, w in enumerate(widths)
   ]
-  total = costs.total_params(config.model, widths)
-  uniform_total = costs.total_params(twin.model, twin_widths)
+  total = costs.total_params(spec, widths)
+  uniform_total = costs.total_params(twin, twin_widths)
   return dict(
-      schedule=config.model.taper.schedule,
-      widths=widths,
-      layers=layers,
-      total_params=total,
-      uniform_total_params=uniform_total,
-      param_difference=total - uniform_total,
-      flops_per_token=costs.flops_per_token(config.model, widths, seq_len),
-      uniform_flops_per_token=costs.flops_per_token(twin.model, twin_widths, seq_len),
-      seq_len=seq_len,
+    schedule=config.model.taper.schedule,
+    widths=widths,
+    layers=layers,
+    total_params=total,
+    uniform_total_params=uniform_total,
+    param_difference=total - uniform_total,
+    flops_per_token=costs.flops_per_token(spec, widths, seq_len),
+    uniform_flops_per_token=costs.flops_per_token(twin, twin_widths, seq_len),
+    seq_len=seq_len,
   )
 
 
 def format_report(report: dict[str, Any]) -> str:
-  lines = [f"{'layer':>5} {'width':>7} {'ratio':>6} {'mlp params':>13} "
-           f"{'layer params':>13} {'FLOPs/token':>14}"]
+  lines = [
+    f"{'layer':>5} {'width':>7} {'ratio':>6} {'mlp params':>13} "
+    f"{'layer params':>13} {'FLOPs/token':>14}"
+  ]
   for row in report["layers"]:
-    lines.append(f"{row['layer']:>5} {row['width']:>7} {row['ratio']:>6.3f} "
-                 f"{row['mlp_params']:>13,} {row['layer_params']:>13,} "
-                 f"{row['flops_per_token']:>14,}")
+    lines.append(
+      f"{row['layer']:>5} {row['width']:>7} {row['ratio']:>6.3f} "
+      f"{row['mlp_params']:>13,} {row['layer_params']:>13,} "
+      f"{row['flops_per_token']:>14,}"
+    )
   lines += [
-      f"schedule {report['schedule']}: {len(set(report['widths']))} distinct widths",
-      f"total params      {report['total_params']:>16,}   uniform twin "
-      f"{report['uniform_total_params']:>16,}   difference {report['param_difference']:+,}",
-      f"FLOPs/token (train, seq {report['seq_len']}) {report['flops_per_token']:>16,}   uniform twin "
-      f"{report['uniform_flops_per_token']:>16,}   difference "
-      f"{report['flops_per_token'] - report['uniform_flops_per_token']:+,}",
+    f"schedule {report['schedule']}: {len(set(report['widths']))} distinct widths",
+    f"total params      {report['total_params']:>16,}   uniform twin "
+    f"{report['uniform_total_params']:>16,}   difference {report['param_difference']:+,}",
+    f"FLOPs/token (train, seq {report['seq_len']}) {report['flops_per_token']:>16,}   uniform twin "
+    f"{report['uniform_flops_per_token']:>16,}   difference "
+    f"{report['flops_per_token'] - report['uniform_flops_per_token']:+,}",
   ]
   return "\n".join(lines)
 
@@ -343,10 +287,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+  _CONFIG = cli.config_flag()
   _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

@@ -30,7 +30,8 @@ VALIDATION_FRACTION = 0.02
 # Stdlib folders left out of the built-in corpus: third-party code, tests,
 # generated codec tables, and pydoc_data (its text is taken as prose instead).
 _SKIPPED_STDLIB_DIRS = frozenset(
-    {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"})
+  {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+)
 
 
 def _hash(text: str) -> int:
@@ -54,20 +55,25 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=self.builder_config.description,
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+      builder=self,
+      description=self.builder_config.description,
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     hashes = {key: _hash(text) for key, text in self._documents()}
     if len(hashes) < 2:
       raise ConfigError(
-          f"data.files gives {len(hashes)} document(s); train and validation need at least 2. "
-          "Split the text into several files or use .jsonl with one document per line.")
+        f"data.files gives {len(hashes)} document(s); train and validation need at least 2. "
+        "Split the text into several files or use .jsonl with one document per line."
+      )
     cut = int(VALIDATION_FRACTION * 2**64)
     held_out = {key for key, h in hashes.items() if h < cut} or {min(hashes, key=hashes.get)}
-    return {"train": self._generate_examples(held_out, False),
-            "validation": self._generate_examples(held_out, True)}
+    return {
+      "train": self._generate_examples(held_out, False),
+      "validation": self._generate_examples(held_out, True),
+    }
 
   def _generate_examples(self, held_out: set[str], validation: bool):
     for key, text in self._documents():
@@ -104,6 +110,7 @@ class BuiltinCorpus(_TextBuilder):
 
   def _documents(self) -> Iterator[tuple[str, str]]:
     from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
     for name in sorted(topics.topics):
       yield f"reference/{name}", topics.topics[name]
     root, files = _stdlib_files()
@@ -118,8 +125,9 @@ def builtin_config() -> tfds.core.BuilderConfig:
   sizes = [(rel, os.path.getsize(os.path.join(root, rel))) for rel in files]
   version = platform.python_version()
   return tfds.core.BuilderConfig(
-      name=f"python{version}-{_fingerprint(sizes)}",
-      description=f"Python {version} reference topics and stdlib sources from {root}.")
+    name=f"python{version}-{_fingerprint(sizes)}",
+    description=f"Python {version} reference topics and stdlib sources from {root}.",
+  )
 
 
 @dataclasses.dataclass(eq=False)
@@ -157,26 +165,38 @@ def _jsonl_text(line: str, field: str, where: str) -> str:
   except (json.JSONDecodeError, AttributeError):  # not JSON, or not an object
     text = None
   if not isinstance(text, str):
-    raise ConfigError(f"{where} is not a JSON object with a string {field!r}; "
-                      "set data.text_field to the JSONL key holding the text")
+    raise ConfigError(
+      f"{where} is not a JSON object with a string {field!r}; "
+      "set data.text_field to the JSONL key holding the text"
+    )
   return text
 
 
 def local_config(files: str | Sequence[str], text_field: str) -> LocalFilesConfig:
   """The LocalFiles config for `data.files`: a glob, comma-separated globs or a list of globs."""
   patterns = files.split(",") if isinstance(files, str) else list(files)
-  paths = sorted({os.path.abspath(p) for pat in patterns if pat.strip()
-                  for p in glob.glob(os.path.expanduser(pat.strip()), recursive=True)
-                  if os.path.isfile(p)})
+  paths = sorted(
+    {
+      os.path.abspath(p)
+      for pat in patterns
+      if pat.strip()
+      for p in glob.glob(os.path.expanduser(pat.strip()), recursive=True)
+      if os.path.isfile(p)
+    }
+  )
   if not paths:
     raise ConfigError(
-        f"data.files={files!r} matches no file; give globs of .txt/.jsonl files, "
-        "e.g. --config.data.files='corpus/*.txt,more/*.jsonl'")
+      f"data.files={files!r} matches no file; give globs of .txt/.jsonl files, "
+      "e.g. --config.data.files='corpus/*.txt,more/*.jsonl'"
+    )
   stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
   shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
   return LocalFilesConfig(
-      name=f"files-{_fingerprint([text_field, *stats])}", paths=tuple(paths),
-      text_field=text_field, description=f"{len(paths)} local file(s): {shown}")
+    name=f"files-{_fingerprint([text_field, *stats])}",
+    paths=tuple(paths),
+    text_field=text_field,
+    description=f"{len(paths)} local file(s): {shown}",
+  )
 
 
 def build_if_needed(data_cfg: Any) -> tfds.core.DatasetBuilder:
@@ -189,12 +209,14 @@ def build_if_needed(data_cfg: Any) -> tfds.core.DatasetBuilder:
     builder = LocalFiles(config=config, data_dir=data_dir)
   else:
     raise ConfigError(
-        f"data.source={data_cfg.source!r} has nothing to build; use 'builtin' or 'local'")
+      f"data.source={data_cfg.source!r} has nothing to build; use 'builtin' or 'local'"
+    )
   if not builder.is_prepared():
     try:
       builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      )
     except OSError:
       if not builder.is_prepared():  # else another process sharing data_dir finished first
         raise
@@ -205,28 +227,35 @@ def _prepared_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
   """An already-prepared TFDS dataset `data.name` in `data.data_dir`; never downloads."""
   name, data_dir = data_cfg.name, data_cfg.data_dir or None
   where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-  how = (f"prepare it first: `tfds build {name or 'NAME'} --data_dir {where} "
-         "--file_format array_record`")
+  how = (
+    f"prepare it first: `tfds build {name or 'NAME'} --data_dir {where} --file_format array_record`"
+  )
   if not name:
     raise ConfigError(
-        f"data.name is empty; with data.source='tfds' name a prepared dataset (e.g. 'lm1b'); {how}")
+      f"data.name is empty; with data.source='tfds' name a prepared dataset (e.g. 'lm1b'); {how}"
+    )
   if data_dir and not epath.Path(data_dir).exists():
     raise ConfigError(
-        f"data.data_dir={data_dir!r} does not exist; point it at your TFDS data_dir or {how}")
+      f"data.data_dir={data_dir!r} does not exist; point it at your TFDS data_dir or {how}"
+    )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError(
-        f"data.name={name!r} is not a known or prepared TFDS dataset in {where}; {how}") from e
+      f"data.name={name!r} is not a known or prepared TFDS dataset in {where}; {how}"
+    ) from e
   if not builder.is_prepared():
     raise ConfigError(f"data.name={name!r} is not prepared in data.data_dir={where!r}; {how}")
   if not builder.info.available_file_formats() & set(tfds.core.FileFormat.with_random_access()):
     raise ConfigError(
-        f"data.name={name!r} is prepared as {builder.info.file_format} in {where}; Grain needs "
-        "random access: rebuild it with --file_format array_record")
+      f"data.name={name!r} is prepared as {builder.info.file_format} in {where}; Grain needs "
+      "random access: rebuild it with --file_format array_record"
+    )
   if data_cfg.text_field not in builder.info.features:
-    raise ConfigError(f"data.text_field={data_cfg.text_field!r} is not a feature of {name}; "
-                      f"it has {sorted(builder.info.features)}")
+    raise ConfigError(
+      f"data.text_field={data_cfg.text_field!r} is not a feature of {name}; "
+      f"it has {sorted(builder.info.features)}"
+    )
   return builder
 
 
@@ -261,7 +290,8 @@ def source(data_cfg: Any, split: str) -> TextSource:
     builder, field = build_if_needed(data_cfg), "text"
   if split.split("[")[0] not in builder.info.splits:
     raise ConfigError(
-        f"split {split!r} is not in {builder.info.full_name} (it has "
-        f"{sorted(builder.info.splits)}); choose another, e.g. data.eval_split='test'")
+      f"split {split!r} is not in {builder.info.full_name} (it has "
+      f"{sorted(builder.info.splits)}); choose another, e.g. data.eval_split='test'"
+    )
   records = builder.as_data_source(split=split)
   return TextSource(records, field, f"{builder.info.full_name}:{split}")

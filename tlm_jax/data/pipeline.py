@@ -43,12 +43,19 @@ def _inputs_targets(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
 
-def make_iterator(config: Any, split: str, *, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None) -> grain.DatasetIterator:
+def make_iterator(
+  config: Any,
+  split: str,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+) -> grain.DatasetIterator:
   """Batches {'inputs', 'targets'}: int32 (batch_size // process_count, seq_len) for this process.
 
-  Processes get disjoint rows of the same global batch. The order depends only on config.seed (train splits are shuffled, others keep
-  their stored order, so every validation stream is the same). num_epochs=None
+  Processes get disjoint rows of the same global batch. The order depends only
+  on config.seed (train splits are shuffled, others keep their stored order,
+  so every validation stream is the same). num_epochs=None
   repeats forever: evaluate on a fixed number of batches with
   itertools.islice(make_iterator(config, 'validation'), n), which never runs dry
   on any process; num_epochs=1 gives one pass (its length differs by process).
@@ -59,19 +66,22 @@ def make_iterator(config: Any, split: str, *, process_index: int = 0, process_co
   batch_size, seq_len = config.train.batch_size, config.train.seq_len
   if batch_size % process_count:
     raise ConfigError(
-        f"train.batch_size={batch_size} must be divisible by the {process_count} processes; "
-        f"use a multiple of {process_count}")
+      f"train.batch_size={batch_size} must be divisible by the {process_count} processes; "
+      f"use a multiple of {process_count}"
+    )
   tokenizer = tokenizers.make_tokenizer(config.data)
   docs = grain.MapDataset.source(builders.source(config.data, split))
   if split.startswith("train"):
     docs = docs.shuffle(seed=config.seed % 2**32)
   docs = docs.repeat(num_epochs).map(functools.partial(_tokenize, tokenizer))
   windows = grain.experimental.ConcatThenSplitIterDataset(
-      docs.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    docs.to_iter_dataset(), length_struct={"tokens": seq_len + 1}
+  )
   if num_epochs is not None:
     windows = windows.filter(_is_full)
-  rows = slice(process_index * batch_size // process_count,
-               (process_index + 1) * batch_size // process_count)
+  rows = slice(
+    process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+  )
   batches = windows.map(_inputs_targets).batch(batch_size, drop_remainder=True)
   batches = batches.map(lambda batch: {k: v[rows] for k, v in batch.items()})
   if config.data.worker_count:

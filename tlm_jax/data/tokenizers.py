@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
-from absl import app, flags
+from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
+from tlm_jax import cli
+from tlm_jax.config import TOKENIZERS
 from tlm_jax.data import builders
 from tlm_jax.errors import ConfigError
 
-TOKENIZERS = ("byte", "sentencepiece")
 _META_SPACE = "\u2581"  # '▁', SentencePiece's stand-in for a space
 
 
@@ -96,9 +96,10 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
     raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} is unknown; use one of {TOKENIZERS}")
   if not data_cfg.spm_model or not epath.Path(data_cfg.spm_model).exists():
     raise ConfigError(
-        f"data.spm_model={data_cfg.spm_model!r} is not a SentencePiece model file; train one with "
-        "`python -m tlm_jax.data.tokenizers --config CONFIG --output PREFIX --vocab_size N` "
-        "and set data.spm_model=PREFIX.model")
+      f"data.spm_model={data_cfg.spm_model!r} is not a SentencePiece model file; train one with "
+      "`python -m tlm_jax.data.tokenizers --config CONFIG --output PREFIX --vocab_size N` "
+      "and set data.spm_model=PREFIX.model"
+    )
   return SentencePieceTokenizer(data_cfg.spm_model)
 
 
@@ -114,8 +115,14 @@ def _lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
           return
 
 
-def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int, *,
-                        max_bytes: int = 100_000_000, model_type: str = "bpe") -> str:
+def train_sentencepiece(
+  texts: Iterable[str],
+  model_prefix: str,
+  vocab_size: int,
+  *,
+  max_bytes: int = 100_000_000,
+  model_type: str = "bpe",
+) -> str:
   """Trains a model that round-trips any text exactly; returns the .model path.
 
   Identity normalization, no dummy prefix and kept whitespace preserve code
@@ -125,10 +132,22 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   """
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=_lines(texts, max_bytes), model_writer=model, vocab_size=vocab_size,
-      model_type=model_type, normalization_rule_name="identity", remove_extra_whitespaces=False,
-      add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-      byte_fallback=True, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, minloglevel=2)
+    sentence_iterator=_lines(texts, max_bytes),
+    model_writer=model,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    byte_fallback=True,
+    unk_id=0,
+    eos_id=1,
+    bos_id=-1,
+    pad_id=-1,
+    minloglevel=2,
+  )
   path = epath.Path(f"{model_prefix}.model")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model.getvalue())
@@ -141,15 +160,16 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   texts = itertools.islice(builders.source(f.config.data, "train"), f.max_documents)
   path = train_sentencepiece(texts, f.output, f.vocab_size, max_bytes=f.max_bytes)
-  print(f"wrote {path}; train with --config.data.tokenizer=sentencepiece "
-        f"--config.data.spm_model={path} --config.model.vocab_size={f.vocab_size}")
+  print(
+    f"wrote {path}; train with --config.data.tokenizer=sentencepiece "
+    f"--config.data.spm_model={path} --config.model.vocab_size={f.vocab_size}"
+  )
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config; its data.* picks the text.")
+  cli.config_flag()
   flags.DEFINE_string("output", None, "Model prefix: writes PREFIX.model.", required=True)
   flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size (at least ~350 with byte fallback).")
   flags.DEFINE_integer("max_documents", 1_000_000, "Train on at most this many documents.")
   flags.DEFINE_integer("max_bytes", 100_000_000, "Train on at most this many bytes of text.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

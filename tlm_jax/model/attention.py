@@ -2,47 +2,42 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlm_jax.config import ModelSpec
+from tlm_jax.model.costs import gate_shape
 from tlm_jax.model.layers import output_std, param, rope
 
 Array = jax.Array
 
 
-def head_dim(cfg: Any) -> int:
-  return cfg.head_dim or cfg.d_model // cfg.num_heads
-
-
 class Attention(nnx.Module):
   """q/k/v projections, RoPE, `jax.nn.dot_product_attention`, output projection.
 
-  `cfg.attention_impl` picks the kernel: "xla" runs everywhere, "cudnn" is the
-  fused flash kernel on NVIDIA GPUs (bf16/fp16 only). `cfg.attention_window`
+  `spec.attention_impl` picks the kernel: "xla" runs everywhere, "cudnn" is the
+  fused flash kernel on NVIDIA GPUs (bf16/fp16 only). `spec.attention_window`
   > 0 makes it sliding-window (each token sees that many, itself included);
-  `cfg.persistent_tokens` > 0 adds learned key/value slots every token sees,
+  `spec.persistent_tokens` > 0 adds learned key/value slots every token sees,
   with no position (Titans' persistent memory, as keys and values directly).
   """
 
-  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
-    pdt = jnp.dtype(cfg.param_dtype)
-    self.w_q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std, pdt)
-    self.w_k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
-    self.w_v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
-    self.w_o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), output_std(cfg), pdt)
-    self.window, self.persistent = cfg.attention_window, cfg.persistent_tokens
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    pdt, std = jnp.dtype(spec.param_dtype), spec.init_std
+    self.w_q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, pdt)
+    self.w_k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pdt)
+    self.w_v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pdt)
+    self.w_o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), output_std(spec), pdt)
+    self.window, self.persistent = spec.attention_window, spec.persistent_tokens
     if self.persistent:
-      shape, axes = (self.persistent, kv, hd), (None, "kv_heads", "head_dim")
-      self.persistent_k = param(rngs, shape, axes, cfg.init_std, pdt)
-      self.persistent_v = param(rngs, shape, axes, cfg.init_std, pdt)
-    self.dtype = jnp.dtype(cfg.dtype)
-    self.rope_theta = cfg.rope_theta
-    self.implementation = None if cfg.attention_impl == "xla" else cfg.attention_impl
+      shape, axes = (self.persistent, k, h), (None, "kv_heads", "head_dim")
+      self.persistent_k = param(rngs, shape, axes, std, pdt)
+      self.persistent_v = param(rngs, shape, axes, std, pdt)
+    self.dtype = jnp.dtype(spec.dtype)
+    self.rope_theta = spec.rope_theta
+    self.implementation = None if spec.attention_impl == "xla" else spec.attention_impl
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
     return self.project(self.attend(x_BTD, positions_BT))
@@ -52,56 +47,49 @@ class Attention(nnx.Module):
     if not (self.window or self.persistent):
       q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, x_BTD, positions_BT, positions_BT)
       return jax.nn.dot_product_attention(
-          q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation)
-    return self.attend_context(x_BTD, x_BTD, positions_BT, positions_BT,
-                               attention_mask(x_BTD.shape[1], 0, self.window))
+        q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation
+      )
+    return self.attend_context(
+      x_BTD, x_BTD, positions_BT, positions_BT, attention_mask(x_BTD.shape[1], 0, self.window)
+    )
 
-  def attend_context(self, x_BTD: Array, context_BSD: Array, positions_BT: Array,
-                     context_positions_BS: Array, mask_TS: Array) -> Array:
+  def attend_context(
+    self,
+    x_BTD: Array,
+    context_BSD: Array,
+    positions_BT: Array,
+    context_positions_BS: Array,
+    mask_TS: Array,
+  ) -> Array:
     """Queries from x, keys and values from `context` (plus the persistent slots, always
     visible); mask_TS says which context tokens each query sees."""
     q_BTNH, k_BSKH, v_BSKH = self._qkv(x_BTD, context_BSD, positions_BT, context_positions_BS)
     if self.persistent:
       slots = (x_BTD.shape[0], *self.persistent_k.shape)
       k_BSKH = jnp.concatenate(
-          [jnp.broadcast_to(self.persistent_k[...].astype(self.dtype), slots), k_BSKH], axis=1)
+        [jnp.broadcast_to(self.persistent_k[...].astype(self.dtype), slots), k_BSKH], axis=1
+      )
       v_BSKH = jnp.concatenate(
-          [jnp.broadcast_to(self.persistent_v[...].astype(self.dtype), slots), v_BSKH], axis=1)
+        [jnp.broadcast_to(self.persistent_v[...].astype(self.dtype), slots), v_BSKH], axis=1
+      )
       mask_TS = jnp.concatenate([jnp.ones((mask_TS.shape[0], self.persistent), bool), mask_TS], 1)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_TS[None, None],
-                                        implementation=self.implementation)
+    return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_TS[None, None], implementation=self.implementation
+    )
 
   def _qkv(self, x_BTD, context_BSD, positions_BT, context_positions_BS):
     x, c = x_BTD.astype(self.dtype), context_BSD.astype(self.dtype)
     q_BTNH = jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(self.dtype))
     k_BSKH = jnp.einsum("bsd,dkh->bskh", c, self.w_k[...].astype(self.dtype))
     v_BSKH = jnp.einsum("bsd,dkh->bskh", c, self.w_v[...].astype(self.dtype))
-    return (rope(q_BTNH, positions_BT, self.rope_theta),
-            rope(k_BSKH, context_positions_BS, self.rope_theta), v_BSKH)
+    return (
+      rope(q_BTNH, positions_BT, self.rope_theta),
+      rope(k_BSKH, context_positions_BS, self.rope_theta),
+      v_BSKH,
+    )
 
   def project(self, y_BTNH: Array) -> Array:
     return jnp.einsum("btnh,nhd->btd", y_BTNH, self.w_o[...].astype(self.dtype))
-
-  @staticmethod
-  def projection_params(cfg: Any) -> int:
-    return 2 * cfg.d_model * head_dim(cfg) * (cfg.num_heads + cfg.num_kv_heads)
-
-  @staticmethod
-  def param_count(cfg: Any) -> int:
-    persistent = 2 * cfg.persistent_tokens * cfg.num_kv_heads * head_dim(cfg)
-    return Attention.projection_params(cfg) + persistent
-
-  @staticmethod
-  def flops_per_token(cfg: Any, seq_len: int) -> int:
-    """Training FLOPs (forward + backward = 3x forward) per token.
-
-    Projections: 6 per weight. Scores and weighted values: 2 matmuls of
-    (keys seen) x head_dim per head, counted without the causal half (the
-    PaLM/MaxText MFU convention), so 12 * seen * heads * head_dim, where a
-    query sees seq_len keys (or the window) plus the persistent slots.
-    """
-    seen = min(seq_len, cfg.attention_window or seq_len) + cfg.persistent_tokens
-    return 6 * Attention.projection_params(cfg) + 12 * seen * cfg.num_heads * head_dim(cfg)
 
 
 def attention_mask(length: int, persistent: int, window: int) -> Array:
@@ -112,13 +100,6 @@ def attention_mask(length: int, persistent: int, window: int) -> Array:
   if window:
     visible &= t - s < window
   return jnp.concatenate([jnp.ones((length, persistent), bool), visible], axis=1)
-
-
-GATES = ("headwise", "elementwise")
-
-
-def gate_shape(cfg: Any) -> tuple[int, ...]:
-  return (cfg.num_heads,) if cfg.gate == "headwise" else (cfg.num_heads, head_dim(cfg))
 
 
 class GatedAttention(Attention):
@@ -132,28 +113,20 @@ class GatedAttention(Attention):
   analyses and checkpoints can find it. b_gate starts at 0 (gates half open).
   """
 
-  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs)
-    shape = gate_shape(cfg)
-    axes = ("heads", "head_dim")[:len(shape)]
-    pdt = jnp.dtype(cfg.param_dtype)
-    self.w_gate = param(rngs, (cfg.d_model, *shape), ("embed", *axes), cfg.init_std, pdt)
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    super().__init__(spec, rngs=rngs)
+    shape = gate_shape(spec)
+    axes = ("heads", "head_dim")[: len(shape)]
+    pdt = jnp.dtype(spec.param_dtype)
+    self.w_gate = param(rngs, (spec.d_model, *shape), ("embed", *axes), spec.init_std, pdt)
     self.b_gate = nnx.Param(jnp.zeros(shape, pdt), logical_axes=axes)
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
     y_BTNH = self.attend(x_BTD, positions_BT)
     x = x_BTD.astype(self.dtype)
-    logits = jnp.einsum("btd,d...->bt...", x, self.w_gate[...].astype(self.dtype))
-    gate = jax.nn.sigmoid(logits + self.b_gate[...].astype(self.dtype))
+    # gate: (B, T, N) headwise, (B, T, N, H) elementwise
+    gate_logits = jnp.einsum("btd,d...->bt...", x, self.w_gate[...].astype(self.dtype))
+    gate = jax.nn.sigmoid(gate_logits + self.b_gate[...].astype(self.dtype))
     if gate.ndim == 3:  # headwise: one scalar per head
       gate = gate[..., None]
     return self.project(y_BTNH * gate)
-
-  @staticmethod
-  def param_count(cfg: Any) -> int:
-    gates = math.prod(gate_shape(cfg))
-    return Attention.param_count(cfg) + (cfg.d_model + 1) * gates
-
-  @staticmethod
-  def flops_per_token(cfg: Any, seq_len: int) -> int:
-    return Attention.flops_per_token(cfg, seq_len) + 6 * cfg.d_model * math.prod(gate_shape(cfg))

@@ -27,42 +27,34 @@ models.
 
 from __future__ import annotations
 
-from fractions import Fraction
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlm_jax.config import ModelSpec
 from tlm_jax.errors import ConfigError
+from tlm_jax.model.costs import level_widths
 from tlm_jax.model.layers import output_std, param
 
 Array = jax.Array
 
 
-def level_widths(cfg: Any, width: int) -> list[int]:
-  """Split a layer's CMS width over the levels exactly, in multiples of hope.level_tile."""
-  tile = cfg.hope.level_tile
-  shares = [Fraction(f).limit_denominator(1000) * width for f in cfg.hope.width_fractions]
-  if any(s.denominator != 1 or s % tile or s <= 0 for s in shares):
-    raise ConfigError(
-        f"a CMS width of {width} does not split into model.hope.width_fractions="
-        f"{tuple(cfg.hope.width_fractions)} in multiples of model.hope.level_tile={tile}: "
-        "make model.taper.tile (and model.mlp_width) a multiple of level_tile / smallest fraction")
-  return [int(s) for s in shares]
-
-
-def swiglu(weights: tuple[Array, Array, Array], u: Array) -> Array:
-  w_gate, w_up, w_down = weights
-  return (jax.nn.silu(u @ w_gate) * (u @ w_up)) @ w_down
+def swiglu(weights: tuple[Array, Array, Array], u_TD: Array) -> Array:
+  w_gate_DF, w_up_DF, w_down_FD = weights
+  return (jax.nn.silu(u_TD @ w_gate_DF) * (u_TD @ w_up_DF)) @ w_down_FD
 
 
 def associative_loss(weights: tuple[Array, Array, Array], u_CD: Array, w_value: Array) -> Array:
   return 0.5 * jnp.mean(jnp.sum((swiglu(weights, u_CD) - u_CD @ w_value) ** 2, axis=-1))
 
 
-def in_context_level(weights0: tuple[Array, Array, Array], w_value: Array, u_TD: Array,
-                     chunk_size: int, inner_lr: float) -> tuple[Array, tuple[Array, ...]]:
+def in_context_level(
+  weights0: tuple[Array, Array, Array],
+  w_value: Array,
+  u_TD: Array,
+  chunk_size: int,
+  inner_lr: float,
+) -> tuple[Array, tuple[Array, ...]]:
   """One sequence through a level updated every chunk_size tokens.
 
   Returns the level's outputs (T, D) and the weights used in each chunk
@@ -82,49 +74,41 @@ def in_context_level(weights0: tuple[Array, Array, Array], w_value: Array, u_TD:
 class CMS(nnx.Module):
   """The chain of levels replacing the MLP of a Hope-attention block."""
 
-  def __init__(self, cfg: Any, width: int, *, rngs: nnx.Rngs):
-    d, pdt = cfg.d_model, jnp.dtype(cfg.param_dtype)
-    self.chunk_sizes = tuple(cfg.hope.chunk_sizes)
-    self.inner_lrs = tuple(cfg.hope.inner_lrs)
+  def __init__(self, spec: ModelSpec, width: int, *, rngs: nnx.Rngs):
+    d, pdt, std = spec.d_model, jnp.dtype(spec.param_dtype), spec.init_std
+    self.chunk_sizes = spec.hope.chunk_sizes
+    self.inner_lrs = spec.hope.inner_lrs
     self.levels = nnx.List()
     self.values = nnx.List()
-    for level, w in enumerate(level_widths(cfg, width)):
-      self.levels.append(nnx.List([
-          param(rngs, (d, w), ("embed", "mlp"), cfg.init_std, pdt),
-          param(rngs, (d, w), ("embed", "mlp"), cfg.init_std, pdt),
-          param(rngs, (w, d), ("mlp", "embed"), output_std(cfg), pdt)]))
+    for level, w in enumerate(level_widths(spec, width)):
+      self.levels.append(
+        nnx.List(
+          [
+            param(rngs, (d, w), ("embed", "mlp"), std, pdt),
+            param(rngs, (d, w), ("embed", "mlp"), std, pdt),
+            param(rngs, (w, d), ("mlp", "embed"), output_std(spec), pdt),
+          ]
+        )
+      )
       if self.chunk_sizes[level]:
-        self.values.append(param(rngs, (d, d), ("embed", None), d ** -0.5, pdt))
+        self.values.append(param(rngs, (d, d), ("embed", None), d**-0.5, pdt))
 
   def __call__(self, x_BTD: Array) -> Array:
     """The CMS's contribution: sum of the levels' residual updates."""
-    u = x_BTD.astype(jnp.float32)
+    u_BTD = x_BTD.astype(jnp.float32)
     values = iter(self.values)
     for level, chunk in enumerate(self.chunk_sizes):
       weights = tuple(w[...].astype(jnp.float32) for w in self.levels[level])
       if not chunk:
-        u = u + swiglu(weights, u)
+        u_BTD = u_BTD + swiglu(weights, u_BTD)
         continue
-      if u.shape[1] % chunk:
-        raise ConfigError(f"sequence length {u.shape[1]} is not a multiple of "
-                          f"model.hope.chunk_sizes[{level}]={chunk}")
-      w_value = next(values)[...].astype(jnp.float32)
-      run = lambda u_TD: in_context_level(weights, w_value, u_TD, chunk, self.inner_lrs[level])[0]
-      u = u + jax.vmap(run)(u)
-    return (u - x_BTD.astype(jnp.float32)).astype(x_BTD.dtype)
-
-  @staticmethod
-  def param_count(cfg: Any, width: int) -> int:
-    in_context = sum(1 for c in cfg.hope.chunk_sizes if c)
-    return 3 * cfg.d_model * width + in_context * cfg.d_model ** 2
-
-  @staticmethod
-  def flops_per_token(cfg: Any, width: int) -> int:
-    """Outer training FLOPs, plus each in-context level's inner forward and backward
-    (about 3x its forward) and value map, counted 3x again for the outer pass."""
-    d = cfg.d_model
-    total = 6 * 3 * d * width
-    for w, chunk in zip(level_widths(cfg, width), cfg.hope.chunk_sizes):
-      if chunk:
-        total += 6 * (3 * 3 * d * w + d * d)
-    return total
+      if u_BTD.shape[1] % chunk:
+        raise ConfigError(
+          f"sequence length {u_BTD.shape[1]} is not a multiple of "
+          f"model.hope.chunk_sizes[{level}]={chunk}"
+        )
+      w_value_DD = next(values)[...].astype(jnp.float32)
+      lr = self.inner_lrs[level]
+      run = lambda u_TD: in_context_level(weights, w_value_DD, u_TD, chunk, lr)[0]
+      u_BTD = u_BTD + jax.vmap(run)(u_BTD)
+    return (u_BTD - x_BTD.astype(jnp.float32)).astype(x_BTD.dtype)

@@ -13,11 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlm_jax.config import ModelSpec
+
 Array = jax.Array
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
-          dtype: Any) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype: Any
+) -> nnx.Param:
   """A normal(0, std) weight (std 0 gives zeros) tagged with logical axis names."""
   if std == 0:
     value = jnp.zeros(shape, dtype)
@@ -26,9 +29,9 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
   return nnx.Param(value, logical_axes=axes)
 
 
-def output_std(cfg: Any) -> float:
+def output_std(spec: ModelSpec) -> float:
   """Depth-scaled init for projections that write into the residual stream (GPT-2)."""
-  return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+  return spec.init_std / math.sqrt(2 * spec.num_layers)
 
 
 class RMSNorm(nnx.Module):
@@ -59,23 +62,15 @@ def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
 class SwiGLU(nnx.Module):
   """down(silu(x W_gate) * (x W_up)); `width` is this layer's own MLP width."""
 
-  def __init__(self, cfg: Any, width: int, *, rngs: nnx.Rngs):
-    d, pdt = cfg.d_model, jnp.dtype(cfg.param_dtype)
-    self.w_gate = param(rngs, (d, width), ("embed", "mlp"), cfg.init_std, pdt)
-    self.w_up = param(rngs, (d, width), ("embed", "mlp"), cfg.init_std, pdt)
-    self.w_down = param(rngs, (width, d), ("mlp", "embed"), output_std(cfg), pdt)
-    self.dtype = jnp.dtype(cfg.dtype)
+  def __init__(self, spec: ModelSpec, width: int, *, rngs: nnx.Rngs):
+    d, pdt = spec.d_model, jnp.dtype(spec.param_dtype)
+    self.w_gate = param(rngs, (d, width), ("embed", "mlp"), spec.init_std, pdt)
+    self.w_up = param(rngs, (d, width), ("embed", "mlp"), spec.init_std, pdt)
+    self.w_down = param(rngs, (width, d), ("mlp", "embed"), output_std(spec), pdt)
+    self.dtype = jnp.dtype(spec.dtype)
 
   def __call__(self, x_BTD: Array) -> Array:
     x = x_BTD.astype(self.dtype)
     gate_BTF = x @ self.w_gate[...].astype(self.dtype)
     up_BTF = x @ self.w_up[...].astype(self.dtype)
     return (jax.nn.silu(gate_BTF) * up_BTF) @ self.w_down[...].astype(self.dtype)
-
-  @staticmethod
-  def param_count(cfg: Any, width: int) -> int:
-    return 3 * cfg.d_model * width
-
-  @staticmethod
-  def flops_per_token(cfg: Any, width: int) -> int:
-    return 6 * SwiGLU.param_count(cfg, width)

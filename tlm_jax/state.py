@@ -1,0 +1,170 @@
+"""From a config and a mesh to a sharded train state and its jitted step, in one call.
+
+`setup(config, mesh)` is the one place the runtime checks a config (every
+section, and what depends on the mesh), computes the per-layer widths and
+builds the model graph; train, evaluate, aot, bench and the tests read its
+fields by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tlm_jax import config as config_lib
+from tlm_jax import optim, sharding, taper
+from tlm_jax.config import ModelSpec
+from tlm_jax.errors import ConfigError
+from tlm_jax.model import costs, lm
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> lm.Decoder:
+  """The decoder a full experiment config describes (validated), initialised from `seed`
+  (default: config.seed)."""
+  spec = config_lib.model_spec(config)
+  widths = taper.model_widths(spec, config_lib.tensor_parallel_size(config))
+  return lm.Decoder(spec, widths, rngs=nnx.Rngs(config.seed if seed is None else seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a loop or tool needs to run a config on a mesh.
+
+  The state is a dict {step, bad_steps, params, opt_state}; `abstract_state`
+  holds its ShapeDtypeStructs with this mesh's shardings (the target for
+  restoring a checkpoint onto any mesh).
+  """
+
+  spec: ModelSpec
+  widths: tuple[int, ...]
+  flops_per_token: int  # training FLOPs per token at train.seq_len
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  init_fn: Callable[[], dict[str, Any]]
+  train_step: Callable  # (state, batch) -> (state, {loss, grad_norm, bad_steps})
+  abstract_state: dict[str, Any]
+  state_shardings: dict[str, Any]
+  batch_sharding: NamedSharding
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """What the config asks of this mesh: the batch splits over data x fsdp per microbatch."""
+  tcfg = config.train
+  sharding.check_batch(tcfg.batch_size, mesh)
+  parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if tcfg.batch_size % (parallel * tcfg.grad_accum):
+    raise ConfigError(
+      f"train.batch_size={tcfg.batch_size} must split into train.grad_accum="
+      f"{tcfg.grad_accum} microbatches of a multiple of data x fsdp = {parallel}"
+    )
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+  """Check the config once, compute widths once, and build the sharded state and step."""
+  spec = config_lib.validate(config)
+  check_mesh(config, mesh)
+  widths = tuple(taper.model_widths(spec, config_lib.tensor_parallel_size(config)))
+  tx = optim.make_optimizer(config.train)
+
+  def build() -> lm.Decoder:
+    return lm.Decoder(spec, widths, rngs=nnx.Rngs(config.seed))
+
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(build))
+  param_sh = sharding.state_shardings(abstract_params, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    jax.eval_shape(tx.init, abstract_params),
+    param_sh,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+  state_sh = dict(step=replicated, bad_steps=replicated, params=param_sh, opt_state=opt_sh)
+
+  def init() -> dict[str, Any]:
+    params = nnx.state(build())
+    return dict(
+      step=jnp.zeros((), jnp.int32),
+      bad_steps=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+    )
+
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(init),
+    state_sh,
+  )
+  batch_sh = sharding.batch_sharding(mesh)
+  return Setup(
+    spec=spec,
+    widths=widths,
+    flops_per_token=costs.flops_per_token(spec, list(widths), config.train.seq_len),
+    mesh=mesh,
+    graphdef=graphdef,
+    init_fn=jax.jit(init, out_shardings=state_sh),
+    train_step=make_train_step(graphdef, tx, config.train.grad_accum, state_sh, batch_sh),
+    abstract_state=abstract,
+    state_shardings=state_sh,
+    batch_sharding=batch_sh,
+  )
+
+
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  grad_accum: int,
+  state_sh: Any,
+  batch_sh: NamedSharding,
+) -> Callable:
+  """jit(loss, grad (accumulated over grad_accum microbatches), AdamW), state donated.
+
+  A step whose loss or gradient is not finite leaves params and optimizer
+  state untouched and counts itself in bad_steps; the loop checks that count
+  before logging and saving, and stops.
+  """
+
+  def loss_fn(params, inputs_BT, targets_BT):
+    logits_BTV = nnx.merge(graphdef, params)(inputs_BT)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state, batch):
+    params = state["params"]
+    if grad_accum == 1:
+      loss, grads = grad_fn(params, batch["inputs"], batch["targets"])
+    else:
+      # Row r goes to microbatch r % grad_accum, so each device's rows stay local.
+      micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, x.shape[-1]).swapaxes(0, 1), batch)
+
+      def add(carry, mb):
+        loss_g = grad_fn(params, mb["inputs"], mb["targets"])
+        return jax.tree.map(jnp.add, carry, loss_g), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(add, zero, micro)
+      loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new = (optax.apply_updates(params, updates), opt_state)
+    params, opt_state = jax.tree.map(
+      lambda n, o: jnp.where(ok, n, o), new, (params, state["opt_state"])
+    )
+    bad_steps = state["bad_steps"] + (~ok).astype(jnp.int32)
+    out = dict(step=state["step"] + 1, bad_steps=bad_steps, params=params, opt_state=opt_state)
+    return out, dict(loss=loss, grad_norm=grad_norm, bad_steps=bad_steps)
+
+  return jax.jit(
+    step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
+  )
