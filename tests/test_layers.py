@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import REPO
 
 PACKAGE = REPO / "tlm_jax"

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import time
 
-import helpers
 import jax
 import numpy as np
 import pytest
-from helpers import run_steps
 
+import helpers
+from helpers import run_steps
 from tlm_jax import checkpoint, evaluate, sharding, state, train
 from tlm_jax import config as config_lib
 from tlm_jax.data import pipeline

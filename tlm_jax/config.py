@@ -166,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer = "byte"  # byte | sentencepiece
   d.spm_model = ""  # SentencePiece .model path when tokenizer="sentencepiece"
   d.worker_count = 0  # Grain prefetch worker processes
+  d.pretokenized = False  # read windows packed once by tlm_jax.data.pretokenize (scales to pods)
   d.eval_split = "validation"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
