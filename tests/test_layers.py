@@ -28,6 +28,7 @@ LAYERS = {
   "tlm_jax.checkpoint": RUNTIME,
   "tlm_jax.metrics": RUNTIME,
   "tlm_jax.state": RUNTIME,
+  "tlm_jax.prefetch": RUNTIME,
   "tlm_jax.data": RUNTIME,
   "tlm_jax.train": TOOLS,
   "tlm_jax.evaluate": TOOLS,

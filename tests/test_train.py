@@ -328,9 +328,21 @@ def test_a_nan_stop_gives_the_signal_handlers_back(tmp_path, data_dir):
   previous = signal.signal(signal.SIGTERM, mine)
   try:
     config = load_demo_config(data_dir)
-    config.train.update(steps=4, log_every=2, learning_rate=1e30)
+    config.train.update(steps=4, warmup_steps=1, log_every=2, learning_rate=1e30)
     with pytest.raises(FloatingPointError, match="there is no checkpoint yet"):
       train.train(config, str(tmp_path / "nan"))
     assert signal.getsignal(signal.SIGTERM) is mine
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_prefetching_changes_no_numbers(tmp_path, data_dir, uninterrupted):
+  workdir = tmp_path / "no_prefetch"
+  result = run_train(workdir, data_dir, **{"train.prefetch": 0})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert train_losses(workdir) == train_losses(uninterrupted)
+  config = load_demo_config(data_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  a, b = restore_params(uninterrupted, config, mesh), restore_params(workdir, config, mesh)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)

@@ -6,12 +6,19 @@
 Prints one JSON object: per model, compile seconds, median step ms, tokens/s,
 MFU and peak device memory (per program, from XLA), plus tapered / uniform
 ratios. Batches are random tokens (the data pipeline is not what is measured).
+
+    python -m tlm_jax.bench --config C --loop [--steps 150]   # loop_over_step_tokens_per_sec
+    python -m tlm_jax.bench --config C --compile_only         # compile_s, compile_ratio
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -79,9 +86,90 @@ def run(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   )
 
 
+def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Train-step compile seconds of the config against its uniform twin run as one scan
+  (grouped layers of one width): what depth costs at compile time."""
+  twin = taper.uniform_twin(config)
+  twin.model.layers_mode = "grouped"
+  times = {}
+  for name, cfg in (("config", config), ("uniform_scan", twin)):
+    run = state.setup(cfg, sharding.make_mesh(cfg.mesh))
+    tokens = jax.ShapeDtypeStruct(
+      (cfg.train.batch_size, cfg.train.seq_len), np.int32, sharding=run.batch_sharding
+    )
+    start = time.perf_counter()
+    run.train_step.lower(run.abstract_state, dict(inputs=tokens, targets=tokens)).compile()
+    times[name] = time.perf_counter() - start
+  return dict(
+    device=jax.devices()[0].device_kind,
+    num_layers=config.model.num_layers,
+    layers_mode=config.model.layers_mode,
+    schedule=config.model.taper.schedule,
+    compile_s=times["config"],
+    uniform_scan_compile_s=times["uniform_scan"],
+    compile_ratio=times["config"] / times["uniform_scan"],
+  )
+
+
+_FROM_JSON = """from tlm_jax import config as config_lib
+
+
+def get_config(path):
+  return config_lib.from_json(path)
+"""
+
+
+def loop(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
+  """The real train loop (data pipeline, prefetch, logging; `python -m tlm_jax.train` in a
+  subprocess) against the bare compiled step on the same config, in one run.
+
+  Loop tokens/s is the median of the loop's own logged windows, without the first (it
+  holds the compile) and the last (evaluation and the final checkpoint).
+  """
+  config = config.copy_and_resolve_references()
+  log_every = max(1, steps // 10)
+  config.train.update(steps=steps, log_every=log_every, eval_every=steps, checkpoint_every=steps)
+  config.train.warmup_steps = min(config.train.warmup_steps, steps - 1)
+  with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort())
+    with open(os.path.join(tmp, "from_json.py"), "w") as f:
+      f.write(_FROM_JSON)
+    cmd = [
+      sys.executable,
+      "-m",
+      "tlm_jax.train",
+      "--workdir",
+      os.path.join(tmp, "run"),
+      "--config",
+      f"{os.path.join(tmp, 'from_json.py')}:{os.path.join(tmp, 'config.json')}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f"the train loop failed:\n{result.stderr[-3000:]}")
+    rows = [r for r in metrics.read_metrics(os.path.join(tmp, "run")) if "split" not in r]
+  loop_rate = statistics.median(r["tokens_per_sec"] for r in rows[1:-1])
+  step_rate = measure(config, steps)["tokens_per_sec"]
+  return dict(
+    device=jax.devices()[0].device_kind,
+    steps=steps,
+    batch_size=config.train.batch_size,
+    seq_len=config.train.seq_len,
+    loop_tokens_per_sec=loop_rate,
+    step_tokens_per_sec=step_rate,
+    loop_over_step_tokens_per_sec=loop_rate / step_rate,
+  )
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  print(json.dumps(run(_CONFIG.value, _STEPS.value)))
+  if _LOOP.value:
+    result = loop(_CONFIG.value, _STEPS.value)
+  elif _COMPILE_ONLY.value:
+    result = compile_only(_CONFIG.value)
+  else:
+    result = run(_CONFIG.value, _STEPS.value)
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":
@@ -89,4 +177,8 @@ if __name__ == "__main__":
 
   _CONFIG = cli.config_flag()
   _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (after one warm-up).")
+  _LOOP = flags.DEFINE_bool("loop", False, "The real train loop against the bare step.")
+  _COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile seconds against the uniform twin as one scan."
+  )
   cli.run(main)

@@ -182,6 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.batch_size = 32  # global, in sequences
   tr.seq_len = 1024
   tr.grad_accum = 1  # microbatches per step
+  tr.prefetch = 2  # global batches fetched ahead on a background thread; 0: none
   tr.learning_rate = 4e-4  # peak; the Titans recipe's AdamW lr
   tr.lr_schedule = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
   tr.warmup_steps = 100
@@ -518,7 +519,7 @@ def validate_train(tcfg: Any) -> None:
     "keep_checkpoints",
   )
   _check_ints("train", {f: tcfg[f] for f in positive}, 1)
-  _check_ints("train", dict(warmup_steps=tcfg.warmup_steps), 0)
+  _check_ints("train", dict(warmup_steps=tcfg.warmup_steps, prefetch=tcfg.prefetch), 0)
   _require(
     tcfg.learning_rate > 0,
     f"train.learning_rate={tcfg.learning_rate} must be positive (a negative rate ascends the loss)",

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tlm_jax import checkpoint, cli, evaluate, metrics, optim, sharding, state
+from tlm_jax import checkpoint, cli, evaluate, metrics, optim, prefetch, sharding, state
 from tlm_jax.data import pipeline, tokenizers
 from tlm_jax.errors import ConfigError
 
@@ -101,6 +101,9 @@ def _train(
     start, train_state = 0, run.init_fn()
   elif is_main:
     print(f"resuming from step {start} in {workdir}", flush=True)
+  batches = stack.enter_context(
+    contextlib.closing(prefetch.batches(data_iter, run.batch_sharding, tcfg.prefetch))
+  )
 
   writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, enabled=is_main)))
   peak = tcfg.peak_flops or metrics.peak_flops_per_device()
@@ -122,7 +125,7 @@ def _train(
 
   step = start
   while step < tcfg.steps:
-    batch = sharding.to_global(next(data_iter), run.batch_sharding)
+    batch, data_state = next(batches)
     train_state, out = run.train_step(train_state, batch)
     step += 1
     window_steps += 1
@@ -163,7 +166,7 @@ def _train(
     if step % tcfg.eval_every == 0 or last_step:
       last_eval = run_eval(step)
     if save:
-      ckpt.save(step, train_state, data_iter, force=True)
+      ckpt.save(step, train_state, data_state, force=True)
     if preempted:
       ckpt.wait()
       if is_main:
