@@ -36,3 +36,5 @@ if [ -n "$EXTRA" ]; then
   run .venv/bin/python -m pip install -q "jax[$EXTRA]==$JAX_VERSION"
 fi
 run .venv/bin/python -m pip install -q --no-deps -e .
+# The [eval] extra (pyproject.toml): lm-evaluation-harness for tlm_jax.lm_eval_adapter and its test.
+run .venv/bin/python -m pip install -q "lm-eval==0.4.13"

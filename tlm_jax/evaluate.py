@@ -1,6 +1,13 @@
-"""Validation loss, perplexity and bits per byte; CLI over a workdir's latest checkpoint.
+"""Validation loss, perplexity and bits per byte, zero-shot tasks and passkey retrieval;
+CLI over a workdir's latest checkpoint.
 
     python -m tlm_jax.evaluate --workdir DIR [--split validation]
+    python -m tlm_jax.evaluate --workdir DIR --tasks piqa,hellaswag,...,wikitext,niah --data_dir D
+
+Tasks (formats and scoring in tlm_jax/tasks.py) read D/TASK.jsonl and write
+`tasks_STEP.json` ({TASK: {n, acc, acc_norm, acc_stderr, ...}}, merged with an
+earlier file of the same step), one `metrics.jsonl` row per task with
+`"split": "task:NAME"`, and for niah a heatmap `niah_STEP.png`.
 
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target
 tokens stand for, so byte-level and SentencePiece runs compare. The same
@@ -10,6 +17,7 @@ context could do) is reported beside it as a floor to beat.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -25,10 +33,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from tlm_jax import checkpoint, cli, sharding, state
+from tlm_jax import checkpoint, cli, metrics, sharding, state, tasks
 from tlm_jax import config as config_lib
 from tlm_jax.data import pipeline, tokenizers
 from tlm_jax.errors import ConfigError
+from tlm_jax.model import lm
 
 
 def make_eval_step(graphdef: nnx.GraphDef, bytes_per_token: np.ndarray) -> Callable:
@@ -81,31 +90,127 @@ def evaluate(
   )
 
 
-def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, Any]:
-  """Restore the latest checkpoint of a training workdir and evaluate it."""
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A workdir's latest checkpoint on the mesh its config asks for (`mesh.*`)."""
+
+  config: ml_collections.ConfigDict
+  step: int
+  run: state.Setup
+  params: Any  # nnx.State, sharded on run.mesh
+  tokenizer: tokenizers.Tokenizer
+
+  @property
+  def model(self) -> lm.Decoder:
+    """The decoder holding the restored params (shared, not copied)."""
+    return nnx.merge(self.run.graphdef, self.params)
+
+
+def restore(workdir: str) -> Restored:
+  """The latest checkpoint of a training workdir; a one-line error when there is none."""
   config = config_lib.from_json(os.path.join(workdir, "config.json"))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    raise ConfigError(f"no checkpoint in {checkpoints}: train first")
   mesh = sharding.make_mesh(config.mesh)
   run = state.setup(config, mesh)
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints
-  )
+  ckpt = checkpoint.Checkpointer(checkpoints, config.train.keep_checkpoints)
   try:
     step, restored = ckpt.restore_latest(run.abstract_state)
   finally:
     ckpt.close()
   if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-  split = split or config.data.eval_split
-  eval_step = make_eval_step(run.graphdef, tokenizers.make_tokenizer(config.data).bytes_per_token)
-  row = evaluate(config, eval_step, restored["params"], run.batch_sharding, split)
-  row = dict(step=step, split=split, **row)
-  with open(os.path.join(workdir, f"eval_{split}_{step}.json"), "w") as f:
+    raise ConfigError(f"no checkpoint in {checkpoints}: train first")
+  tokenizer = tokenizers.make_tokenizer(config.data)
+  return Restored(config, step, run, restored["params"], tokenizer)
+
+
+def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, Any]:
+  """Restore the latest checkpoint of a training workdir and evaluate it."""
+  r = restore(workdir)
+  split = split or r.config.data.eval_split
+  eval_step = make_eval_step(r.run.graphdef, r.tokenizer.bytes_per_token)
+  row = evaluate(r.config, eval_step, r.params, r.run.batch_sharding, split)
+  row = dict(step=r.step, split=split, **row)
+  with open(os.path.join(workdir, f"eval_{split}_{r.step}.json"), "w") as f:
     json.dump(row, f)
   return row
 
 
+def evaluate_tasks(
+  workdir: str,
+  names: str,
+  data_dir: str | None,
+  *,
+  batch_size: int = 16,
+  limit: int = 0,
+  stride: int = 0,
+  niah_lengths: Sequence[int] = (),
+  niah_depths: Sequence[float] = tasks.NIAH_DEPTHS,
+  niah_trials: int = 4,
+  seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+  """Zero-shot tasks on a workdir's latest checkpoint: {TASK: metrics}, also written to
+  tasks_STEP.json, metrics.jsonl (split "task:NAME") and, for niah, niah_STEP.png."""
+  names = tasks.parse_tasks(names, data_dir)  # task files are checked before any restore
+  r = restore(workdir)
+  seq_len = r.config.train.seq_len
+  scorer = tasks.Scorer(r.model, seq_len, batch_size)
+  grid = tasks.Niah(
+    tuple(niah_lengths) or tasks.default_niah_lengths(seq_len),
+    tuple(niah_depths),
+    niah_trials,
+    seed,
+  )
+  if "niah" in names and max(grid.lengths) > seq_len:
+    raise ConfigError(f"--niah_lengths {grid.lengths} go past train.seq_len={seq_len}")
+  results = {}
+  for name in names:
+    kwargs = dict(limit=limit, stride=stride, grid=grid)
+    results[name] = tasks.run(scorer, r.tokenizer, name, data_dir or "", **kwargs)
+  if jax.process_index() == 0:
+    write_task_results(workdir, r.step, results)
+  return results
+
+
+def write_task_results(workdir: str, step: int, results: dict[str, dict[str, Any]]) -> None:
+  path = os.path.join(workdir, f"tasks_{step}.json")
+  merged = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      merged = json.load(f)
+  merged.update(results)
+  with open(path, "w") as f:
+    json.dump(merged, f, indent=1)
+  writer = metrics.MetricsWriter(workdir)
+  try:
+    for name, result in results.items():
+      scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+      writer.write(dict(step=step, split=f"task:{name}", **scalars))
+  finally:
+    writer.close()
+  if "niah" in results:
+    png = os.path.join(workdir, f"niah_{step}.png")
+    tasks.niah_heatmap(results["niah"], png, f"passkey retrieval, {workdir} step {step}")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
+  if _TASKS.value:
+    results = evaluate_tasks(
+      _WORKDIR.value,
+      _TASKS.value,
+      _DATA_DIR.value,
+      batch_size=_BATCH_SIZE.value,
+      limit=_LIMIT.value,
+      stride=_STRIDE.value,
+      niah_lengths=[int(x) for x in _NIAH_LENGTHS.value],
+      niah_depths=[float(x) for x in _NIAH_DEPTHS.value],
+      niah_trials=_NIAH_TRIALS.value,
+      seed=_SEED.value,
+    )
+    print(json.dumps(results))
+    return
   print(json.dumps(evaluate_workdir(_WORKDIR.value, _SPLIT.value)))
 
 
@@ -114,5 +219,22 @@ if __name__ == "__main__":
 
   _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
   _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
+  _TASKS = flags.DEFINE_string(
+    "tasks", None, f"Comma-separated zero-shot tasks instead of a split: {', '.join(tasks.TASKS)}."
+  )
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder of TASK.jsonl files (--tasks).")
+  _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per scoring batch.")
+  _LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N records per task (0: all).")
+  _STRIDE = flags.DEFINE_integer(
+    "stride", 0, "wikitext: tokens between rolling windows (0: seq_len, disjoint windows)."
+  )
+  _NIAH_LENGTHS = flags.DEFINE_list(
+    "niah_lengths", [], "niah: prompt lengths in tokens (default: seq_len/4, seq_len/2, seq_len)."
+  )
+  _NIAH_DEPTHS = flags.DEFINE_list(
+    "niah_depths", [f"{d:g}" for d in tasks.NIAH_DEPTHS], "niah: passkey depths in [0, 1]."
+  )
+  _NIAH_TRIALS = flags.DEFINE_integer("niah_trials", 4, "niah: random passkeys per cell.")
+  _SEED = flags.DEFINE_integer("seed", 0, "niah: seed of the passkeys.")
   flags.mark_flag_as_required("workdir")
   cli.run(main)

@@ -9,7 +9,7 @@ one entry here, its cost functions in `costs.COSTS`, and its name in
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 from flax import nnx
@@ -38,16 +38,48 @@ class MLP(Protocol):
   def __call__(self, x_BTD: jax.Array) -> jax.Array: ...
 
 
+class CachedMixer(Mixer, Protocol):
+  """A mixer that decodes a sequence piece by piece (generate.py: prefill, then a token a step).
+
+  The cache is a pytree of arrays sized once for the whole sequence (its shapes
+  never change, so a jitted decode loop carries it). decode(x, positions,
+  cache) continues the sequence by T >= 1 tokens and must equal __call__ on the
+  whole sequence at those positions (tests/test_generate.py checks it token for
+  token): attention keeps keys and values; a recurrent memory keeps its state
+  and the tokens of its unfinished chunk, and updates at the same chunk
+  boundaries as in training.
+  """
+
+  def init_cache(self, batch: int, length: int) -> Any: ...
+
+  def decode(
+    self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Any
+  ) -> tuple[jax.Array, Any]: ...
+
+
+class CachedMLP(MLP, Protocol):
+  """An MLP that keeps state across tokens (Hope's CMS levels) decodes like a CachedMixer;
+  a per-token MLP (SwiGLU) defines neither method and is simply called."""
+
+  def init_cache(self, batch: int, length: int) -> Any: ...
+
+  def decode(self, x_BTD: jax.Array, cache: Any) -> tuple[jax.Array, Any]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Backbone:
+  """cached_decoding: the mixer (and a stateful MLP) implement the Cached protocols; where
+  False, generation falls back to a full forward pass per token."""
+
   mixer: type[Mixer]
   mlp: type[MLP]
   costs: costs.BackboneCosts
+  cached_decoding: bool
 
 
 BACKBONES = {
-  "transformer": Backbone(Attention, SwiGLU, costs.COSTS["transformer"]),
-  "gated_attention": Backbone(GatedAttention, SwiGLU, costs.COSTS["gated_attention"]),
-  "titans": Backbone(Titans, SwiGLU, costs.COSTS["titans"]),
-  "hope_attention": Backbone(Attention, CMS, costs.COSTS["hope_attention"]),
+  "transformer": Backbone(Attention, SwiGLU, costs.COSTS["transformer"], True),
+  "gated_attention": Backbone(GatedAttention, SwiGLU, costs.COSTS["gated_attention"], True),
+  "titans": Backbone(Titans, SwiGLU, costs.COSTS["titans"], False),
+  "hope_attention": Backbone(Attention, CMS, costs.COSTS["hope_attention"], False),
 }

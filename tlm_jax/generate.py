@@ -1,0 +1,269 @@
+"""Text from a trained model: prefill, then cached decoding in one jitted loop.
+
+    python -m tlm_jax.generate --workdir DIR --prompt TEXT [--max_new_tokens 64 \
+        --temperature 0 --top_k 0 --top_p 1 --seed 0 --stop STR] [--json]
+
+`generate` (text in and out) and `generate_tokens` (ids) run on any model, e.g.
+`evaluate.restore(workdir).model` on the mesh its checkpoint was restored onto.
+Temperature 0 is greedy; otherwise top-k, then top-p (nucleus) filtering, then
+a draw whose key depends only on the seed, the row and the position.
+
+Prompts of different lengths share one time index: the tokens every prompt has
+(down to a length bucket, so compiled shapes repeat) are prefilled at once;
+after that each row reads its own prompt token while it has one and its
+sampled token after. No row is padded on the left, so positions and the
+recurrent memories (whose chunks count from the first token) are those of a
+single prompt. A row stops at EOS, after max_new_tokens, or once it ends with a
+stop sequence; the loop stops when every row has. Backbones without a cache
+(`BACKBONES[...].cached_decoding`) run a full forward pass per token instead,
+which is also the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tlm_jax import cli, evaluate
+from tlm_jax.data.tokenizers import Tokenizer
+from tlm_jax.errors import ConfigError
+from tlm_jax.model import lm
+from tlm_jax.model.backbones import BACKBONES
+
+Array = jax.Array
+_BUCKET = 64  # prefill and buffer lengths are rounded to multiples of this (above 64)
+
+
+def sample(
+  logits_BV: Array, keys_B: Array, temperature: Array, top_k: Array, top_p: Array
+) -> Array:
+  """Next tokens: argmax at temperature 0, else a draw from the top-k / top-p filtered
+  softmax(logits / temperature) (top_k 0 and top_p 1 filter nothing)."""
+  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+  sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
+  kth_B1 = jnp.take(sorted_BV, jnp.clip(top_k - 1, 0, sorted_BV.shape[-1] - 1), axis=-1)[:, None]
+  cut_k = (top_k > 0) & (sorted_BV < kth_B1)
+  sorted_BV = jnp.where(cut_k, -jnp.inf, sorted_BV)
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
+  floor_B1 = jnp.min(jnp.where(before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  filtered_BV = jnp.where(scaled_BV < floor_B1, -jnp.inf, scaled_BV)
+  drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
+  return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1))
+
+
+def _ends_with_stop(tokens_BS: Array, i: Array, lengths_B: Array, stops_ZM: Array) -> Array:
+  """Rows whose generated tokens up to position i end with a stop sequence (right-aligned in
+  stops_ZM, -1 before it)."""
+  width = stops_ZM.shape[1]
+  tail_BM = jnp.take(tokens_BS, jnp.maximum(i - width + 1 + jnp.arange(width), 0), axis=1)
+  used_ZM = stops_ZM >= 0
+  equal_BZ = jnp.all((tail_BM[:, None, :] == stops_ZM[None]) | ~used_ZM[None], axis=-1)
+  generated_BZ = i + 1 - used_ZM.sum(1)[None, :] >= lengths_B[:, None]
+  return jnp.any(equal_BZ & generated_BZ, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "cached"))
+def _decode_loop(
+  params,
+  tokens_BS,
+  lengths_B,
+  max_new,
+  eos_id,
+  stops_ZM,
+  sampling,
+  key,
+  *,
+  graphdef,
+  prefill,
+  cached,
+):
+  model = nnx.merge(graphdef, params)
+  batch, total = tokens_BS.shape
+  positions_BS = jnp.broadcast_to(jnp.arange(total), (batch, total))
+  if cached:
+    cache = model.init_cache(batch, total)
+    logits_BTV, cache = model.decode(tokens_BS[:, :prefill], positions_BS[:, :prefill], cache)
+    logits_BV = logits_BTV[:, -1]
+  else:
+    cache = ()
+    logits_BV = model(tokens_BS)[:, prefill - 1]
+  limit = jnp.minimum(jnp.max(lengths_B) + max_new, total)
+  rows = jnp.arange(batch)
+
+  def running(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < limit) & ~jnp.all(done_B)
+
+  def step(carry):
+    i, tokens_BS, logits_BV, cache, done_B, count_B = carry
+    keys_B = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), i))(rows)
+    drawn_B = sample(logits_BV, keys_B, *sampling)
+    prompt_B = i < lengths_B
+    token_B = jnp.where(prompt_B, tokens_BS[:, i], jnp.where(done_B, eos_id, drawn_B))
+    tokens_BS = tokens_BS.at[:, i].set(token_B)
+    new_B = ~prompt_B & ~done_B
+    count_B = count_B + new_B
+    stop_B = (token_B == eos_id) | (count_B >= max_new)
+    if stops_ZM.shape[0]:
+      stop_B |= _ends_with_stop(tokens_BS, i, lengths_B, stops_ZM)
+    done_B |= new_B & stop_B
+    if cached:
+      token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BS, i, 1, axis=1)
+      logits_B1V, cache = model.decode(token_B1, jnp.full((batch, 1), i), cache)
+      logits_BV = logits_B1V[:, 0]
+    else:
+      logits_BV = jnp.take(model(tokens_BS), i, axis=1)
+    return i + 1, tokens_BS, logits_BV, cache, done_B, count_B
+
+  done_B, count_B = jnp.zeros(batch, bool), jnp.zeros(batch, jnp.int32)
+  init = (jnp.int32(prefill), tokens_BS, logits_BV, cache, done_B, count_B)
+  _, tokens_BS, _, _, _, count_B = jax.lax.while_loop(running, step, init)
+  return tokens_BS, count_B
+
+
+def _round_down(n: int) -> int:
+  """Prefill length for prompts of at least n tokens: a power of two up to 64, then a
+  multiple of 64, so prompts of nearby lengths share a compiled loop."""
+  return 1 << (n.bit_length() - 1) if n < _BUCKET else n // _BUCKET * _BUCKET
+
+
+def generate_tokens(
+  model: lm.Decoder,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int = 64,
+  eos_id: int = 0,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  stop: Sequence[Sequence[int]] = (),
+  cached: bool | None = None,
+) -> list[list[int]]:
+  """New token ids per prompt (EOS dropped; a stop sequence that ended a row is kept).
+
+  cached=None uses the KV/recurrent cache where the backbone has one; False
+  re-runs the whole sequence every token (the slow reference).
+  """
+  prompts = [[int(t) for t in p] for p in prompts]
+  if not prompts or min(map(len, prompts)) == 0:
+    raise ConfigError("every prompt needs at least one token (start it with the EOS separator)")
+  if max_new_tokens <= 0:
+    return [[] for _ in prompts]
+  if cached is None:
+    cached = BACKBONES[model.spec.backbone].cached_decoding
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  multiple = np.lcm(_BUCKET, lm.length_multiple(model.spec))
+  total = int(-(-(lengths.max() + max_new_tokens) // multiple) * multiple)
+  tokens = np.zeros((len(prompts), total), np.int32)
+  for row, p in enumerate(prompts):
+    tokens[row, : len(p)] = p
+  stops = [list(s) for s in stop if len(s)]
+  stops_ZM = np.full((len(stops), max(map(len, stops), default=0)), -1, np.int32)
+  for z, s in enumerate(stops):
+    stops_ZM[z, stops_ZM.shape[1] - len(s) :] = s
+  graphdef, params = nnx.split(model)
+  sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+  out, count = jax.device_get(
+    _decode_loop(
+      params,
+      tokens,
+      lengths,
+      jnp.int32(max_new_tokens),
+      jnp.int32(eos_id),
+      stops_ZM,
+      sampling,
+      jax.random.key(seed),
+      graphdef=graphdef,
+      prefill=_round_down(int(lengths.min())),
+      cached=bool(cached),
+    )
+  )
+  results = []
+  for row, (n, c) in enumerate(zip(lengths, count)):
+    new = out[row, n : n + c].tolist()
+    results.append(new[:-1] if new and new[-1] == eos_id else new)
+  return results
+
+
+def generate(
+  model: lm.Decoder,
+  tokenizer: Tokenizer,
+  prompts: Sequence[str],
+  *,
+  max_new_tokens: int = 64,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  stop: Sequence[str] = (),
+  max_len: int = 0,
+  cached: bool | None = None,
+) -> list[str]:
+  """Completions of text prompts, each cut before its first stop string.
+
+  Prompts start with the separator (as training documents do); with max_len,
+  prompts lose tokens on the left so prompt + max_new_tokens fits in it.
+  """
+  ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
+  if max_len:
+    keep = max(1, max_len - max_new_tokens)
+    ids = [p[-keep:] for p in ids]
+  new = generate_tokens(
+    model,
+    ids,
+    max_new_tokens=max_new_tokens,
+    eos_id=tokenizer.eos_id,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    stop=[tokenizer.encode(s) for s in stop if s],
+    cached=cached,
+  )
+  texts = [tokenizer.decode(t) for t in new]
+  return [min((t.split(s, 1)[0] for s in stop if s), key=len, default=t) for t in texts]
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  restored = evaluate.restore(_WORKDIR.value)
+  (completion,) = generate(
+    restored.model,
+    restored.tokenizer,
+    [_PROMPT.value],
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+    stop=_STOP.value,
+    max_len=restored.config.train.seq_len,
+  )
+  if _JSON.value:
+    print(json.dumps(dict(prompt=_PROMPT.value, completion=completion)))
+  else:
+    print(completion)
+
+
+if __name__ == "__main__":
+  from absl import flags
+
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
+  _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+  _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+  _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 is greedy.")
+  _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+  _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample within this much probability mass (nucleus).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  _STOP = flags.DEFINE_multi_string("stop", [], "Stop before this string (repeatable).")
+  _JSON = flags.DEFINE_bool("json", False, 'Print {"prompt", "completion"} as JSON.')
+  flags.mark_flags_as_required(["workdir", "prompt"])
+  cli.run(main)
