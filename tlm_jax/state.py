@@ -20,18 +20,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tlm_jax import config as config_lib
-from tlm_jax import optim, sharding, taper
+from tlm_jax import optim, sharding, taper, xshape
 from tlm_jax.config import ModelSpec
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import costs, lm
+from tlm_jax.model import lm
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> lm.Decoder:
   """The decoder a full experiment config describes (validated), initialised from `seed`
   (default: config.seed)."""
   spec = config_lib.model_spec(config)
-  widths = taper.model_widths(spec, config_lib.tensor_parallel_size(config))
-  return lm.Decoder(spec, widths, rngs=nnx.Rngs(config.seed if seed is None else seed))
+  residual, widths = taper.plan(spec, config_lib.tensor_parallel_size(config))
+  rngs = nnx.Rngs(config.seed if seed is None else seed)
+  return lm.Decoder(spec, widths, rngs=rngs, residual_widths=residual)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Setup:
   """
 
   spec: ModelSpec
-  widths: tuple[int, ...]
+  widths: tuple[int, ...]  # MLP width per layer
+  residual_widths: tuple[int, ...]  # residual-stream width per layer (d_model unless X-shaped)
   flops_per_token: int  # training FLOPs per token at train.seq_len
   mesh: Mesh
   graphdef: nnx.GraphDef
@@ -71,11 +73,11 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   """Check the config once, compute widths once, and build the sharded state and step."""
   spec = config_lib.validate(config)
   check_mesh(config, mesh)
-  widths = tuple(taper.model_widths(spec, config_lib.tensor_parallel_size(config)))
+  residual, widths = taper.plan(spec, config_lib.tensor_parallel_size(config))
   tx = optim.make_optimizer(config.train)
 
   def build() -> lm.Decoder:
-    return lm.Decoder(spec, widths, rngs=nnx.Rngs(config.seed))
+    return lm.Decoder(spec, widths, rngs=nnx.Rngs(config.seed), residual_widths=residual)
 
   graphdef, abstract_params = nnx.split(nnx.eval_shape(build))
   param_sh = sharding.state_shardings(abstract_params, mesh)
@@ -107,8 +109,9 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   batch_sh = sharding.batch_sharding(mesh)
   return Setup(
     spec=spec,
-    widths=widths,
-    flops_per_token=costs.flops_per_token(spec, list(widths), config.train.seq_len),
+    widths=tuple(widths),
+    residual_widths=tuple(residual),
+    flops_per_token=xshape.flops_per_token(spec, widths, residual, config.train.seq_len),
     mesh=mesh,
     graphdef=graphdef,
     init_fn=jax.jit(init, out_shardings=state_sh),

@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from tlm_jax import cli
+from tlm_jax import cli, xshape
 from tlm_jax import config as config_lib
 from tlm_jax.config import SMOOTH_SCHEDULES, ModelSpec, TaperSpec
 from tlm_jax.errors import ConfigError
@@ -213,6 +213,13 @@ def model_widths(spec: ModelSpec, tensor_parallel: int = 1) -> list[int]:
   return layer_widths(spec.taper, spec.num_layers, spec.mlp_width, tensor_parallel)
 
 
+def plan(spec: ModelSpec, tensor_parallel: int = 1) -> tuple[list[int], list[int]]:
+  """(residual width, MLP width) per layer: the taper, and the X-shaped residual stream
+  (tlm_jax/xshape.py) when model.residual asks for one."""
+  multiple = rounding_multiple(spec.taper.tile, tensor_parallel)
+  return xshape.widths(spec, model_widths(spec, tensor_parallel), multiple)
+
+
 def widths_from_config(config: Any) -> list[int]:
   """Per-layer MLP widths for a full experiment config."""
   return model_widths(config_lib.model_spec(config), config_lib.tensor_parallel_size(config))
@@ -222,60 +229,77 @@ def uniform_twin(config: Any) -> Any:
   """The same experiment with every layer at the base width."""
   twin = config.copy_and_resolve_references()
   twin.model.taper.schedule = "uniform"
+  twin.model.residual.schedule = "uniform"
   return twin
 
 
 def parity_report(config: Any) -> dict[str, Any]:
-  """Per-layer params and FLOPs of a config next to its uniform twin."""
+  """Per-layer params, FLOPs and KV-cache bytes of a config next to its uniform twin."""
   spec = config_lib.model_spec(config)
   twin = config_lib.model_spec(uniform_twin(config))
-  widths = widths_from_config(config)
-  twin_widths = widths_from_config(uniform_twin(config))
+  tensor_parallel = config_lib.tensor_parallel_size(config)
+  residual, widths = plan(spec, tensor_parallel)
+  twin_residual, twin_widths = plan(twin, tensor_parallel)
   seq_len = config.train.seq_len
-  layers = [
-    dict(
-      layer=l,
-      width=w,
-      ratio=w / spec.mlp_width,
-      mlp_params=costs.mlp_params(spec, w),
-      layer_params=costs.layer_params(spec, w),
-      flops_per_token=costs.layer_flops_per_token(spec, w, seq_len),
+  layers = []
+  for l, (d, w) in enumerate(zip(residual, widths)):
+    layer = xshape.layer_spec(spec, d)
+    layers.append(
+      dict(
+        layer=l,
+        residual_width=d,
+        width=w,
+        ratio=w / spec.mlp_width,
+        mlp_params=costs.mlp_params(layer, w),
+        layer_params=costs.layer_params(layer, w),
+        flops_per_token=costs.layer_flops_per_token(layer, w, seq_len),
+        kv_cache_bytes_per_token=xshape.kv_cache_bytes_per_token(spec, [d]),
+      )
     )
-    for l, w in enumerate(widths)
-  ]
-  total = costs.total_params(spec, widths)
-  uniform_total = costs.total_params(twin, twin_widths)
+  total = xshape.total_params(spec, widths, residual)
+  uniform_total = xshape.total_params(twin, twin_widths, twin_residual)
   return dict(
     schedule=config.model.taper.schedule,
+    residual_schedule=spec.residual.schedule,
     widths=widths,
+    residual_widths=residual,
     layers=layers,
     total_params=total,
     uniform_total_params=uniform_total,
     param_difference=total - uniform_total,
-    flops_per_token=costs.flops_per_token(spec, widths, seq_len),
-    uniform_flops_per_token=costs.flops_per_token(twin, twin_widths, seq_len),
+    flops_per_token=xshape.flops_per_token(spec, widths, residual, seq_len),
+    uniform_flops_per_token=xshape.flops_per_token(twin, twin_widths, twin_residual, seq_len),
+    kv_cache_bytes_per_token=xshape.kv_cache_bytes_per_token(spec, residual),
+    uniform_kv_cache_bytes_per_token=xshape.kv_cache_bytes_per_token(twin, twin_residual),
     seq_len=seq_len,
   )
 
 
 def format_report(report: dict[str, Any]) -> str:
   lines = [
-    f"{'layer':>5} {'width':>7} {'ratio':>6} {'mlp params':>13} "
-    f"{'layer params':>13} {'FLOPs/token':>14}"
+    f"{'layer':>5} {'resid':>6} {'width':>7} {'ratio':>6} {'mlp params':>13} "
+    f"{'layer params':>13} {'FLOPs/token':>14} {'KV B/token':>10}"
   ]
   for row in report["layers"]:
     lines.append(
-      f"{row['layer']:>5} {row['width']:>7} {row['ratio']:>6.3f} "
+      f"{row['layer']:>5} {row['residual_width']:>6} {row['width']:>7} {row['ratio']:>6.3f} "
       f"{row['mlp_params']:>13,} {row['layer_params']:>13,} "
-      f"{row['flops_per_token']:>14,}"
+      f"{row['flops_per_token']:>14,} {row['kv_cache_bytes_per_token']:>10,}"
     )
+
+  def versus(name: str, key: str) -> str:
+    ours, twin = report[key], report[f"uniform_{key}"]
+    return (
+      f"{name:<26}{ours:>16,}   uniform twin {twin:>16,}   difference {ours - twin:+,} "
+      f"({ours / twin - 1:+.2%})"
+    )
+
   lines += [
-    f"schedule {report['schedule']}: {len(set(report['widths']))} distinct widths",
-    f"total params      {report['total_params']:>16,}   uniform twin "
-    f"{report['uniform_total_params']:>16,}   difference {report['param_difference']:+,}",
-    f"FLOPs/token (train, seq {report['seq_len']}) {report['flops_per_token']:>16,}   uniform twin "
-    f"{report['uniform_flops_per_token']:>16,}   difference "
-    f"{report['flops_per_token'] - report['uniform_flops_per_token']:+,}",
+    f"taper {report['schedule']}: {len(set(report['widths']))} distinct MLP widths; "
+    f"residual {report['residual_schedule']}",
+    versus("total params", "total_params"),
+    versus(f"FLOPs/token (seq {report['seq_len']})", "flops_per_token"),
+    versus("KV-cache bytes/token", "kv_cache_bytes_per_token"),
   ]
   return "\n".join(lines)
 

@@ -40,7 +40,39 @@ class Attention(nnx.Module):
     self.implementation = None if spec.attention_impl == "xla" else spec.attention_impl
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
-    return self.project(self.attend(x_BTD, positions_BT))
+    return self.output(x_BTD, self.attend(x_BTD, positions_BT))
+
+  def output(self, x_BTD: Array, y_BTNH: Array) -> Array:
+    """Per-head outputs -> the residual update; one place, so decoding reuses subclasses'."""
+    del x_BTD
+    return self.project(y_BTNH)
+
+  def init_cache(self, batch: int, length: int) -> dict[str, Array]:
+    """Empty key/value slots for a sequence of up to `length` tokens; `end` counts the filled."""
+    shape = (batch, length, *self.w_k.shape[1:])
+    zeros = jnp.zeros(shape, self.dtype)
+    return dict(k_BSKH=zeros, v_BSKH=zeros, end=jnp.zeros((), jnp.int32))
+
+  def decode(
+    self, x_BTD: Array, positions_BT: Array, cache: dict[str, Array]
+  ) -> tuple[Array, dict[str, Array]]:
+    """The next T tokens of a sequence whose earlier keys/values are cached: equals
+    __call__ on the whole sequence at these positions."""
+    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, x_BTD, positions_BT, positions_BT)
+    end, length = cache["end"], x_BTD.shape[1]
+    write = lambda slots, new: jax.lax.dynamic_update_slice(
+      slots, new.astype(slots.dtype), (0, end, 0, 0)
+    )
+    k_BSKH, v_BSKH = write(cache["k_BSKH"], k_BTKH), write(cache["v_BSKH"], v_BTKH)
+    t = end + jnp.arange(length)[:, None]
+    s = jnp.arange(k_BSKH.shape[1])[None, :]
+    visible_TS = s <= t
+    if self.window:
+      visible_TS &= t - s < self.window
+    # Empty slots are masked out; an explicit mask is what the "xla" kernel takes everywhere.
+    y_BTNH = self._dot(q_BTNH, k_BSKH, v_BSKH, visible_TS, implementation=None)
+    cache = dict(k_BSKH=k_BSKH, v_BSKH=v_BSKH, end=end + length)
+    return self.output(x_BTD, y_BTNH), cache
 
   def attend(self, x_BTD: Array, positions_BT: Array) -> Array:
     """Per-head attention outputs (batch, time, heads, head_dim), before w_o."""
@@ -64,8 +96,12 @@ class Attention(nnx.Module):
     """Queries from x, keys and values from `context` (plus the persistent slots, always
     visible); mask_TS says which context tokens each query sees."""
     q_BTNH, k_BSKH, v_BSKH = self._qkv(x_BTD, context_BSD, positions_BT, context_positions_BS)
+    return self._dot(q_BTNH, k_BSKH, v_BSKH, mask_TS, self.implementation)
+
+  def _dot(self, q_BTNH, k_BSKH, v_BSKH, mask_TS, implementation):
+    """Masked attention over the keys, with the persistent slots (always visible) in front."""
     if self.persistent:
-      slots = (x_BTD.shape[0], *self.persistent_k.shape)
+      slots = (q_BTNH.shape[0], *self.persistent_k.shape)
       k_BSKH = jnp.concatenate(
         [jnp.broadcast_to(self.persistent_k[...].astype(self.dtype), slots), k_BSKH], axis=1
       )
@@ -74,7 +110,7 @@ class Attention(nnx.Module):
       )
       mask_TS = jnp.concatenate([jnp.ones((mask_TS.shape[0], self.persistent), bool), mask_TS], 1)
     return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=mask_TS[None, None], implementation=self.implementation
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_TS[None, None], implementation=implementation
     )
 
   def _qkv(self, x_BTD, context_BSD, positions_BT, context_positions_BS):
@@ -105,12 +141,13 @@ def attention_mask(length: int, persistent: int, window: int) -> Array:
 class GatedAttention(Attention):
   """Attention with a sigmoid output gate (Qiu et al. 2025, used in Qwen3-Next).
 
-  y' = y * sigmoid(x W_g + b_g) after scaled-dot-product attention and before
-  w_o, from the same normalised x the queries see; one gate per head
+  y' = y * sigmoid(x W_g) after scaled-dot-product attention and before w_o,
+  from the same normalised x the queries see; one gate per head
   (`model.gate='headwise'`) or per channel ('elementwise', the paper's best).
   The reference code takes the gate logits from extra query-projection
-  columns; ours is a separate w_gate, the same function, named on its own so
-  analyses and checkpoints can find it. b_gate starts at 0 (gates half open).
+  columns, with no bias; ours is a separate w_gate, the same function, named
+  on its own so analyses and checkpoints can find it. `model.gate_bias=True`
+  adds a bias b_gate (starting at 0), a departure kept for comparison.
   """
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
@@ -119,14 +156,15 @@ class GatedAttention(Attention):
     axes = ("heads", "head_dim")[: len(shape)]
     pdt = jnp.dtype(spec.param_dtype)
     self.w_gate = param(rngs, (spec.d_model, *shape), ("embed", *axes), spec.init_std, pdt)
-    self.b_gate = nnx.Param(jnp.zeros(shape, pdt), logical_axes=axes)
+    self.b_gate = nnx.Param(jnp.zeros(shape, pdt), logical_axes=axes) if spec.gate_bias else None
 
-  def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
-    y_BTNH = self.attend(x_BTD, positions_BT)
+  def output(self, x_BTD: Array, y_BTNH: Array) -> Array:
     x = x_BTD.astype(self.dtype)
     # gate: (B, T, N) headwise, (B, T, N, H) elementwise
     gate_logits = jnp.einsum("btd,d...->bt...", x, self.w_gate[...].astype(self.dtype))
-    gate = jax.nn.sigmoid(gate_logits + self.b_gate[...].astype(self.dtype))
+    if self.b_gate is not None:
+      gate_logits = gate_logits + self.b_gate[...].astype(self.dtype)
+    gate = jax.nn.sigmoid(gate_logits)
     if gate.ndim == 3:  # headwise: one scalar per head
       gate = gate[..., None]
     return self.project(y_BTNH * gate)

@@ -11,12 +11,15 @@ Layers are always stored one per slot (`blocks/0`, `blocks/1`, ...), whatever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tlm_jax import xshape
 from tlm_jax.config import LAYERS_MODES, ModelSpec
 from tlm_jax.errors import ConfigError
 from tlm_jax.model.backbones import BACKBONES
@@ -47,9 +50,30 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), positions_BT)
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
+  def init_cache(self, batch: int, length: int) -> dict[str, Any]:
+    """The mixer's cache, and the MLP's when it keeps state across tokens (Hope's CMS)."""
+    cache = dict(mixer=self.mixer.init_cache(batch, length))
+    if hasattr(self.mlp, "init_cache"):
+      cache["mlp"] = self.mlp.init_cache(batch, length)
+    return cache
 
-def layer_groups(widths: Sequence[int], layers_mode: str) -> tuple[tuple[int, ...], ...]:
-  """Layer indices per run: one run per layer when unrolled, equal-width runs when grouped."""
+  def decode(
+    self, x_BTD: Array, positions_BT: Array, cache: dict[str, Any]
+  ) -> tuple[Array, dict[str, Any]]:
+    """__call__ for the next tokens of a sequence, given and returning the block's cache."""
+    y_BTD, mixer_cache = self.mixer.decode(self.mixer_norm(x_BTD), positions_BT, cache["mixer"])
+    x_BTD = x_BTD + y_BTD
+    new = dict(mixer=mixer_cache)
+    if "mlp" in cache:
+      y_BTD, new["mlp"] = self.mlp.decode(self.mlp_norm(x_BTD), cache["mlp"])
+    else:
+      y_BTD = self.mlp(self.mlp_norm(x_BTD))
+    return x_BTD + y_BTD, new
+
+
+def layer_groups(widths: Sequence[Hashable], layers_mode: str) -> tuple[tuple[int, ...], ...]:
+  """Layer indices per run: one run per layer when unrolled, runs of equal shape (residual
+  and MLP width) when grouped."""
   if layers_mode == "unrolled":
     return tuple((l,) for l in range(len(widths)))
   groups: list[list[int]] = []
@@ -59,6 +83,23 @@ def layer_groups(widths: Sequence[int], layers_mode: str) -> tuple[tuple[int, ..
     else:
       groups.append([l])
   return tuple(tuple(g) for g in groups)
+
+
+def read_width(stream_BTD: Array, width: int) -> Array:
+  """A block's input at `width` (the ><former's parameter-free resize): narrowing keeps the
+  first coordinates; widening restores the rest from the stream, which holds each
+  coordinate's most recent value, and zeros where no earlier state had it."""
+  have = stream_BTD.shape[-1]
+  if width <= have:
+    return stream_BTD[..., :width]
+  return jnp.pad(stream_BTD, ((0, 0), (0, 0), (0, width - have)))
+
+
+def write_width(stream_BTD: Array, x_BTD: Array) -> Array:
+  """The stream after a block: its output in the first coordinates, older values beyond."""
+  if x_BTD.shape[-1] >= stream_BTD.shape[-1]:
+    return x_BTD
+  return jnp.concatenate([x_BTD, stream_BTD[..., x_BTD.shape[-1] :]], axis=-1)
 
 
 def run_blocks(blocks: list[Block], x_BTD: Array, positions_BT: Array, remat: str) -> Array:
@@ -79,20 +120,45 @@ def run_blocks(blocks: list[Block], x_BTD: Array, positions_BT: Array, remat: st
 class Decoder(nnx.Module):
   """A decoder LM whose layer l has MLP width widths[l]."""
 
-  def __init__(self, spec: ModelSpec, widths: Sequence[int], *, rngs: nnx.Rngs):
-    if len(widths) != spec.num_layers:
-      raise ConfigError(f"got {len(widths)} widths for model.num_layers={spec.num_layers}")
-    d, v, pdt = spec.d_model, spec.vocab_size, jnp.dtype(spec.param_dtype)
-    self.embed = param(rngs, (v, d), ("vocab", "embed"), spec.init_std, pdt)
-    self.blocks = nnx.List([Block(spec, w, rngs=rngs) for w in widths])
-    self.final_norm = RMSNorm(d, spec.norm_eps, pdt)
+  def __init__(
+    self,
+    spec: ModelSpec,
+    widths: Sequence[int],
+    *,
+    rngs: nnx.Rngs,
+    residual_widths: Sequence[int] | None = None,
+  ):
+    """`residual_widths`: each block's residual width (default d_model everywhere); the
+    embedding runs at the first block's width, the final norm and head at the last's."""
+    residual = tuple(residual_widths or [spec.d_model] * spec.num_layers)
+    if not len(widths) == len(residual) == spec.num_layers:
+      raise ConfigError(
+        f"got {len(widths)} MLP and {len(residual)} residual widths for "
+        f"model.num_layers={spec.num_layers}"
+      )
+    if spec.tie_embeddings and residual[0] != residual[-1]:
+      raise ConfigError(
+        "model.tie_embeddings needs the first and last residual widths equal; got "
+        f"{residual[0]} and {residual[-1]}"
+      )
+    first, last, v = residual[0], residual[-1], spec.vocab_size
+    pdt = jnp.dtype(spec.param_dtype)
+    self.embed = param(rngs, (v, first), ("vocab", "embed"), spec.init_std, pdt)
+    self.blocks = nnx.List(
+      [Block(xshape.layer_spec(spec, d), w, rngs=rngs) for d, w in zip(residual, widths)]
+    )
+    self.final_norm = RMSNorm(last, spec.norm_eps, pdt)
     self.head = (
-      None if spec.tie_embeddings else param(rngs, (d, v), ("embed", "vocab"), spec.init_std, pdt)
+      None
+      if spec.tie_embeddings
+      else param(rngs, (last, v), ("embed", "vocab"), spec.init_std, pdt)
     )
     self.dtype = jnp.dtype(spec.dtype)
     self.remat = spec.remat
     self.widths = tuple(widths)
-    self.groups = layer_groups(widths, spec.layers_mode)
+    self.residual_widths = residual
+    self.spec = spec
+    self.groups = layer_groups(list(zip(residual, widths)), spec.layers_mode)
 
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
     """Float32 next-token logits (B, T, V)."""
@@ -105,9 +171,35 @@ class Decoder(nnx.Module):
     """All blocks and the final norm, from embeddings to the head's input."""
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+    stream_BTD = x_BTD
     for group in self.groups:
+      x_BTD = read_width(stream_BTD, self.residual_widths[group[0]])
       x_BTD = run_blocks([self.blocks[l] for l in group], x_BTD, positions_BT, self.remat)
-    return self.final_norm(x_BTD)
+      stream_BTD = write_width(stream_BTD, x_BTD)
+    return self.final_norm(read_width(stream_BTD, self.residual_widths[-1]))
+
+  def init_cache(self, batch: int, length: int) -> list[dict[str, Any]]:
+    """Per-layer decoding caches for `batch` sequences of up to `length` tokens."""
+    if not BACKBONES[self.spec.backbone].cached_decoding:
+      raise ConfigError(
+        f"model.backbone={self.spec.backbone!r} has no cached decoding yet; decode with "
+        "full forward passes instead (generate.generate(..., cached=False))"
+      )
+    return [block.init_cache(batch, length) for block in self.blocks]
+
+  def decode(
+    self, tokens_BT: Array, positions_BT: Array, cache: list[dict[str, Any]]
+  ) -> tuple[Array, list[dict[str, Any]]]:
+    """Logits of the next T tokens of sequences whose earlier tokens are in `cache` (prefill,
+    then one token a step): equal to __call__ on the whole sequences at these positions.
+    Blocks run one by one whatever layers_mode says (each layer has its own cache)."""
+    stream_BTD, new = self.embed_tokens(tokens_BT), []
+    for block, width, block_cache in zip(self.blocks, self.residual_widths, cache):
+      x_BTD, block_cache = block.decode(read_width(stream_BTD, width), positions_BT, block_cache)
+      stream_BTD = write_width(stream_BTD, x_BTD)
+      new.append(block_cache)
+    last = read_width(stream_BTD, self.residual_widths[-1])
+    return self.unembed(self.final_norm(last)), new
 
   def unembed(self, h_BTD: Array) -> Array:
     w_DV = self.embed[...].T if self.head is None else self.head[...]
@@ -116,11 +208,22 @@ class Decoder(nnx.Module):
     )
 
 
+def length_multiple(spec: ModelSpec) -> int:
+  """__call__ takes sequence lengths that are multiples of this (a memory's chunks, Titans MAC's
+  segments); decode takes any number of tokens."""
+  if spec.backbone == "titans":
+    titans = spec.titans
+    return titans.segment_size if titans.variant == "mac" else titans.chunk_size
+  if spec.backbone == "hope_attention":
+    return math.lcm(1, *(c for c in spec.hope.chunk_sizes if c))
+  return 1
+
+
 def set_layers_mode(model: Decoder, layers_mode: str) -> None:
   """Switch unrolled <-> grouped in place; the params are shared, nothing moves."""
   if layers_mode not in LAYERS_MODES:
     raise ConfigError(f"model.layers_mode={layers_mode!r} is unknown; use one of {LAYERS_MODES}")
-  model.groups = layer_groups(model.widths, layers_mode)
+  model.groups = layer_groups(list(zip(model.residual_widths, model.widths)), layers_mode)
 
 
 def param_count(model: nnx.Module) -> int:
