@@ -4,7 +4,7 @@ import importlib.util
 import pathlib
 
 from tlm_jax import config as config_lib
-from tlm_jax import sharding, state
+from tlm_jax import metrics, sharding, state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,3 +35,10 @@ def run_steps(config, batches, mesh_sizes, devices):
     )
     losses.append(float(metrics["loss"]))
   return losses, train_state
+
+
+def xla_flops_per_token(config) -> float:
+  """XLA's FLOPs per token of the config's train step (tlm_jax.metrics: one device, layers
+  and chunk scans unrolled), counted on the lowered program: within ~1.5% of the compiled
+  one's count on the tiny configs, without minutes of CPU compiles."""
+  return metrics.xla_flops_per_token(config, compiled=False)

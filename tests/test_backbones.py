@@ -2,14 +2,14 @@
 
 import itertools
 
-import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import run_steps
 
+import helpers
+from helpers import run_steps
 from tlm_jax import state, taper, train
 from tlm_jax.config import model_spec
 from tlm_jax.data import pipeline
@@ -30,7 +30,7 @@ def tokens(batch=2, length=16, seed=0):
 @pytest.mark.parametrize("gate", ["headwise", "elementwise"])
 def test_gate_saturated_open_equals_plain_attention(gate):
   gated_cfg = load("gated_attention")
-  gated_cfg.model.gate = gate
+  gated_cfg.model.update(gate=gate, gate_bias=True)  # the bias saturates the gate
   gated = state.build_model(gated_cfg, seed=1)
   plain = state.build_model(load("transformer"), seed=2)
   for block in gated.blocks:
@@ -50,10 +50,11 @@ def test_gate_scales_each_head_output_as_written(gate):
   cfg = load("gated_attention")
   cfg.model.gate = gate
   mixer = state.build_model(cfg).blocks[0].mixer
+  assert mixer.b_gate is None  # the reference gate has no bias
   x = jax.random.normal(jax.random.key(3), (2, 8, cfg.model.d_model))
   positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   y = mixer.attend(x, positions)
-  g = jax.nn.sigmoid(jnp.einsum("btd,d...->bt...", x, mixer.w_gate[...]) + mixer.b_gate[...])
+  g = jax.nn.sigmoid(jnp.einsum("btd,d...->bt...", x, mixer.w_gate[...]))
   want = jnp.einsum(
     "btnh,nhd->btd", y * (g[..., None] if gate == "headwise" else g), mixer.w_o[...]
   )

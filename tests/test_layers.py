@@ -21,6 +21,7 @@ LAYERS = {
   "tlm_jax.config": PURE,
   "tlm_jax.cli": PURE,
   "tlm_jax.taper": PURE,
+  "tlm_jax.xshape": PURE,
   "tlm_jax.model": PURE,  # the package docstring only
   "tlm_jax.model.costs": PURE,
   "tlm_jax.sharding": RUNTIME,
@@ -34,7 +35,19 @@ LAYERS = {
   "tlm_jax.evaluate": TOOLS,
   "tlm_jax.aot": TOOLS,
   "tlm_jax.bench": TOOLS,
+  "tlm_jax.report": TOOLS,
   "tlm_jax.model.__main__": TOOLS,
+  "tlm_jax.tasks": TOOLS,
+  "tlm_jax.generate": TOOLS,
+  "tlm_jax.lm_eval_adapter": TOOLS,
+  "tlm_jax.analysis": TOOLS,
+  "tlm_jax.analysis.load": TOOLS,
+  "tlm_jax.analysis.blocks": TOOLS,
+  "tlm_jax.analysis.alignment": TOOLS,
+  "tlm_jax.analysis.swap_kl": TOOLS,
+  "tlm_jax.analysis.looping": TOOLS,
+  "tlm_jax.analysis.lora": TOOLS,
+  "tlm_jax.analysis.hyperfit": TOOLS,
 }
 # Prefixes for whole subpackages.
 SUBPACKAGES = {"tlm_jax.model.": MODEL, "tlm_jax.data.": RUNTIME}
@@ -126,7 +139,9 @@ for path in sorted(pathlib.Path("configs").glob("*.py")):
   args = [None] if path.stem == "demo" else scales
   for arg in args:
     report = taper.parity_report(config.load(f"{path}:{arg}" if arg else str(path)))
-    rows[f"{path.stem}:{arg}"] = report["param_difference"], report["flops_per_token"]
+    rows[f"{path.stem}:{arg}"] = [
+      report["param_difference"] / report["uniform_total_params"], report["flops_per_token"]
+    ]
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "numpy"))
 print(json.dumps(dict(rows=rows, heavy=heavy)))
 """
@@ -137,4 +152,7 @@ print(json.dumps(dict(rows=rows, heavy=heavy)))
   out = json.loads(result.stdout)
   assert out["heavy"] == []
   assert len(out["rows"]) > 40
-  assert all(diff == 0 and flops > 0 for diff, flops in out["rows"].values())
+  for name, (miss, flops) in out["rows"].items():
+    # The X shape matches the budget by its base width (to 1% at these small scales; 0.5%
+    # from 440m up, tests/test_xshape.py), the taper exactly.
+    assert (abs(miss) < 0.01 if name.startswith("xformer") else miss == 0) and flops > 0, name

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import re
 
-import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 from tlm_jax import state, taper
 from tlm_jax.config import LAYERS_MODES, TAPERS, model_spec
 from tlm_jax.errors import ConfigError
@@ -486,3 +486,28 @@ def test_bf16_compute_gives_finite_fp32_logits_close_to_fp32():
   assert float(jnp.std(logits32)) > 0.1
   np.testing.assert_allclose(logits16, logits32, atol=5e-2, rtol=0)
   assert not np.allclose(logits16, logits32, atol=1e-5)  # bf16 rounding is visible
+
+
+# ---------------------------------------------------------------------------
+# 8. Init: width-independent by default, width-scaled MLP outputs as an ablation.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["standard", "width_scaled"])
+def test_width_scaled_init_evens_out_the_mlp_output_variance_across_widths(init):
+  cfg = load_config("tiny,cosine")
+  cfg.model.init = init
+  model = state.build_model(cfg)
+  widths = list(model.widths)
+  assert widths[0] >= 2 * widths[-1]
+  x = jax.random.normal(jax.random.key(0), (8, 64, cfg.model.d_model))
+  variances = [float(jnp.var(model.blocks[l].mlp(x))) for l in range(len(widths))]
+  stds = [float(jnp.std(model.blocks[l].mlp.w_down[...])) for l in range(len(widths))]
+  spread = variances[0] / variances[-1]
+  if init == "standard":  # std independent of width: output variance grows with it
+    np.testing.assert_allclose(stds, stds[0], rtol=0.1)
+    assert spread > 0.6 * widths[0] / widths[-1]
+  else:
+    scale = [math.sqrt(cfg.model.mlp_width / w) for w in widths]
+    np.testing.assert_allclose(np.array(stds) / scale, stds[0] / scale[0], rtol=0.1)
+    assert 0.6 < spread < 1.6

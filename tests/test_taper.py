@@ -5,12 +5,12 @@ import math
 import subprocess
 import sys
 
-import helpers
 import pytest
-from helpers import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import helpers
+from helpers import REPO
 from tlm_jax import config as config_lib
 from tlm_jax import taper
 from tlm_jax.config import TaperSpec
@@ -457,10 +457,74 @@ def test_cli_table_report_shows_zero_difference():
   assert result.returncode == 0, result.stderr
   assert "difference" in result.stdout
   assert "+0" in result.stdout
-  assert len(result.stdout.strip().splitlines()) == 1 + 12 + 3
+  assert len(result.stdout.strip().splitlines()) == 1 + 12 + 4
 
 
 def test_cli_bad_scale_exits_non_zero_naming_scale():
   result = run_cli("--config", "configs/tlm_transformer.py:999m")
   assert result.returncode != 0
   assert "SCALE" in result.stdout + result.stderr
+
+
+# --- 7. matched scales across backbones -----------------------------------------------
+
+SCALE_PARAMS = {"440m": 440e6, "760m": 760e6, "1.3b": 1.3e9}
+
+
+@pytest.mark.parametrize("scale", SCALE_PARAMS)
+@pytest.mark.parametrize(
+  "backbone,variant",
+  [(b, "mag") for b in config_lib.BACKBONES] + [("titans", "mal"), ("titans", "mac")],
+)
+def test_every_backbone_lands_within_3_percent_of_each_named_scale(backbone, variant, scale):
+  cfg = helpers.load_config(f"tlm_{backbone}", scale)
+  cfg.model.titans.variant = variant
+  report = taper.parity_report(cfg)
+  assert abs(report["uniform_total_params"] / SCALE_PARAMS[scale] - 1) <= 0.03, report[
+    "uniform_total_params"
+  ]
+  assert report["total_params"] == report["uniform_total_params"]
+
+
+# --- 8. the paper recipe ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", config_lib.BACKBONES)
+def test_paper_recipe_is_the_third_part_of_every_backbone_config_arg(backbone):
+  cfg = helpers.load_config(f"tlm_{backbone}", "760m,cosine,paper")
+  tr = cfg.train
+  assert (tr.seq_len, tr.batch_size * tr.seq_len) == (4096, 524288)  # 0.5M-token batches
+  assert tr.batch_size % tr.grad_accum == 0 and tr.grad_accum > 1
+  assert (tr.learning_rate, tr.lr_schedule, tr.weight_decay) == (4e-4, "cosine", 0.1)
+  assert tr.steps * 524288 == pytest.approx(50e9, rel=1e-3)  # 50B tokens at 760m
+  assert cfg.data.tokenizer == "sentencepiece" and cfg.model.vocab_size == 32000
+  assert cfg.model.taper.schedule == "cosine"
+  default = helpers.load_config(f"tlm_{backbone}", "760m,cosine")
+  assert default.train.seq_len == 1024 and default.data.tokenizer == "byte"
+  with pytest.raises(ConfigError, match="RECIPE"):
+    helpers.load_config(f"tlm_{backbone}", "760m,cosine,papr")
+
+
+def test_train_refuses_a_vocabulary_far_larger_than_the_tokenizers_unless_asked():
+  cfg = helpers.load_config("tlm_transformer", "760m")  # 32K model, byte tokenizer
+  with pytest.raises(ConfigError, match="31,744 embedding rows.*data.allow_unused_vocab"):
+    config_lib.check_vocab(cfg, 256)
+  config_lib.check_vocab(cfg, 32000)
+  config_lib.check_vocab(cfg, 31900)  # a tokenizer padded to a tile is fine
+  with pytest.raises(ConfigError, match="raise model.vocab_size"):
+    config_lib.check_vocab(cfg, 32001)
+  cfg.data.allow_unused_vocab = True
+  config_lib.check_vocab(cfg, 256)
+
+
+def test_a_workdir_written_before_new_defaults_keeps_what_it_trained(tmp_path):
+  cfg = helpers.load_config("tlm_hope_attention", "tiny")
+  saved = json.loads(cfg.to_json())
+  del saved["model"]["gate_bias"], saved["model"]["hope"]["max_step"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  old = config_lib.from_json(str(tmp_path / "config.json"))
+  assert old.model.gate_bias is True  # gated attention had a bias then
+  assert old.model.hope.max_step == 0.0  # no trust region, and the mean-loss step
+  assert old.model.hope.inner_lrs == (3e-4 / 8, 3e-4 / 16, 0.0)
+  (tmp_path / "config.json").write_text(cfg.to_json())
+  assert config_lib.from_json(str(tmp_path / "config.json")) == cfg

@@ -83,6 +83,7 @@ def run(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
     tapered=tapered,
     uniform=uniform,
     tapered_over_uniform_tokens_per_sec=tapered["tokens_per_sec"] / uniform["tokens_per_sec"],
+    mfu_convention=metrics.MFU_CONVENTION,
   )
 
 

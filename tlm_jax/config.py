@@ -59,7 +59,7 @@ SCALES = {
     mlp_width=4096,
     tile=128,
   ),
-  # 1.35B params.
+  # 1.35B params with this MLP width; the Transformer's own is in SHAPES (1.308B).
   "1.3b": dict(
     vocab_size=32000,
     d_model=2048,
@@ -70,6 +70,34 @@ SCALES = {
     tile=128,
   ),
 }
+
+# Per-backbone shapes at the matched scales: what a backbone changes in SCALES so that
+# its uniform model's total params land within 3% of the named size (tests/test_taper.py
+# checks every backbone x scale from costs.py; `python -m tlm_jax.taper --json` reports
+# them). Backbones keep the scale's d_model and heads; the ones whose mixers hold a few
+# d x d more per layer (the gate; Hope's value maps) give it back from the MLP width, and
+# Titans, whose memory + attention + gates hold ~2.4x a Transformer's mixer, from depth
+# (a Titans MLP narrowed to fit 24 layers would leave little to taper). 124m stays the
+# GPT-2-small shape everywhere (the benchmarks' shape).
+SHAPES: dict[str, dict[str, dict[str, int]]] = {
+  "transformer": {"1.3b": dict(mlp_width=5248)},  # 439M, 778M, 1.308B
+  "gated_attention": {  # 435M, 764M, 1.295B
+    "440m": dict(mlp_width=2304),
+    "760m": dict(mlp_width=3456),
+    "1.3b": dict(mlp_width=4480),
+  },
+  "titans": {  # 442M, 761M, 1.298B (mag)
+    "440m": dict(num_layers=21, mlp_width=2560),
+    "760m": dict(num_layers=15, mlp_width=4608),
+    "1.3b": dict(num_layers=15, mlp_width=6144),
+  },
+  "hope_attention": {  # 443M, 764M, 1.301B
+    "440m": dict(mlp_width=2048),
+    "760m": dict(mlp_width=2944),
+    "1.3b": dict(mlp_width=3840),
+  },
+}
+
 
 # Taper presets: (field overrides of model.taper). The group multipliers of the
 # paper's thirds experiment are unpublished; ours put 1.5x on one third and
@@ -87,9 +115,16 @@ TAPERS = {
 }
 
 BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
+RECIPES = ("default", "paper")
+# Training tokens of the paper recipe: 50B at 760m and 100B at 1.3b as published; 15B at
+# 440m (Titans' budget at 400M; the TLM ablations' is unpublished); 20 per param at 124m.
+PAPER_TOKENS = {"124m": 2.5e9, "440m": 15e9, "760m": 50e9, "1.3b": 100e9}
 GATES = ("headwise", "elementwise")
+INITS = ("standard", "width_scaled")
 TITANS_VARIANTS = ("mag", "mal", "mac")
+TITANS_MAG_COMBINES = ("gate", "mix")
 LAYERS_MODES = ("unrolled", "grouped")
+RESIDUAL_SCHEDULES = ("uniform", "xshape", "custom")
 REMATS = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -110,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = m = ml_collections.ConfigDict()
   m.backbone = "transformer"  # or gated_attention, titans, hope_attention
   m.gate = "elementwise"  # gated_attention: headwise | elementwise
+  m.gate_bias = False  # gated_attention: a bias on the gate logits (the reference has none)
   m.vocab_size = 256
   m.d_model = 64
   m.num_layers = 4
@@ -120,7 +156,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False
   m.rope_theta = 10_000.0
   m.norm_eps = 1e-6
-  m.init_std = 0.02  # output projections get init_std / sqrt(2 * num_layers)
+  # Init std does not depend on a layer's MLP width: output projections get
+  # init_std / sqrt(2 * num_layers), everything else init_std. init="width_scaled"
+  # multiplies each MLP output projection's std by sqrt(mlp_width / layer width), so
+  # a tapered layer's MLP output variance at init matches the uniform model's.
+  m.init_std = 0.02
+  m.init = "standard"  # standard | width_scaled
   m.dtype = "bfloat16"  # compute
   m.param_dtype = "float32"
   m.attention_impl = "xla"  # or "cudnn" on NVIDIA GPUs
@@ -136,14 +177,30 @@ def base_config() -> ml_collections.ConfigDict:
   m.titans.memory_depth = 2  # linear layers in each head's memory MLP
   m.titans.memory_width = 128  # hidden width of the memory MLP
   m.titans.max_inner_lr = 0.02  # theta_t = max_inner_lr * sigmoid(.)
+  m.titans.segment_size = 512  # mac: tokens per attention segment (a multiple of chunk_size)
+  m.titans.mag_combine = "gate"  # mag: gate (the paper's y (x) M(x)) | mix (convex mix)
+  m.titans.unroll = False  # unroll the chunk / segment scans (XLA counts a loop body once)
+  m.titans.max_grad_norm = 20.0  # cap on each token's inner gradient norm; 0: uncapped
 
   # Hope-attention (backbone="hope_attention"): CMS levels, fastest first. The taper
-  # sizes each layer's whole CMS; width_fractions split it over the levels.
+  # sizes each layer's whole CMS; width_fractions split it over the levels (in-context
+  # levels rounded to level_tile, the last level the rest). Step sizes are unpublished.
   m.hope = ml_collections.ConfigDict()
   m.hope.chunk_sizes = (16, 64, 0)  # tokens between in-context updates; 0: ordinary weights
   m.hope.width_fractions = (0.25, 0.25, 0.5)
-  m.hope.inner_lrs = (0.01, 0.01, 0.0)
+  m.hope.inner_lrs = (3e-4, 3e-4, 0.0)  # per token: each update sums the chunk's gradients
+  m.hope.max_step = 0.1  # an update moves each matrix by at most this x its norm; 0: no limit
   m.hope.level_tile = 128  # each level's width is a multiple of this
+  m.hope.unroll = False  # unroll the chunk scans (XLA counts a loop body once)
+
+  # Residual width per layer (the X-shaped ><former, tlm_jax/xshape.py); the ratios are
+  # unpublished. The base width is solved so total params match the uniform model.
+  m.residual = ml_collections.ConfigDict()
+  m.residual.schedule = "uniform"  # uniform | xshape (wide ends, narrow middle) | custom
+  m.residual.ends = 1.5  # xshape: first and last layers' width / base width
+  m.residual.middle = 0.5  # xshape: mid-depth width / base width
+  m.residual.widths = ()  # custom only: explicit per-layer residual widths
+  m.residual.tile = 32  # widths are multiples of this (and of whole kv groups of heads)
 
   m.taper = t = ml_collections.ConfigDict()
   t.schedule = "cosine"
@@ -165,6 +222,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_field = "text"  # JSONL key (local) or TFDS feature (tfds) holding the text
   d.tokenizer = "byte"  # byte | sentencepiece
   d.spm_model = ""  # SentencePiece .model path when tokenizer="sentencepiece"
+  # train refuses a model vocabulary far larger than the tokenizer's (rows never used)
+  # unless this says it is intended
+  d.allow_unused_vocab = False
   d.worker_count = 0  # Grain prefetch worker processes
   d.pretokenized = False  # read windows packed once by tlm_jax.data.pretokenize (scales to pods)
   d.eval_split = "validation"
@@ -202,31 +262,52 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, default_scale: str) -> tuple[str, str]:
-  """'SCALE[,TAPER]' -> (scale, taper); taper defaults to the paper's cosine 1.5 -> 0.5."""
+def parse_arg(arg: str | None, default_scale: str) -> tuple[str, str, str]:
+  """'SCALE[,TAPER[,RECIPE]]' -> (scale, taper, recipe); the taper defaults to the paper's
+  cosine 1.5 -> 0.5, the recipe to `default` (the CPU-friendly base config)."""
   parts = [p for p in (arg or "").split(",") if p]
   scale = parts[0] if parts else default_scale
   preset = parts[1] if len(parts) > 1 else "cosine"
-  if scale not in SCALES or preset not in TAPERS or len(parts) > 2:
+  recipe = parts[2] if len(parts) > 2 else "default"
+  if scale not in SCALES or preset not in TAPERS or recipe not in RECIPES or len(parts) > 3:
     raise ConfigError(
-      f"config arg {arg!r} should be SCALE[,TAPER] with SCALE in {list(SCALES)} "
-      f"and TAPER in {list(TAPERS)}"
+      f"config arg {arg!r} should be SCALE[,TAPER[,RECIPE]] with SCALE in {list(SCALES)}, "
+      f"TAPER in {list(TAPERS)} and RECIPE in {list(RECIPES)}"
     )
-  return scale, preset
+  if recipe == "paper" and scale not in PAPER_TOKENS:
+    raise ConfigError(f"recipe 'paper' is for scales {list(PAPER_TOKENS)}, not {scale!r}")
+  return scale, preset, recipe
 
 
-def experiment(scale: str, preset: str, backbone: str) -> ml_collections.ConfigDict:
-  """A backbone at a scale with a taper preset; tiny runs in float32 at seq 128 for CPU tests."""
+def experiment(
+  scale: str, preset: str, backbone: str, recipe: str = "default"
+) -> ml_collections.ConfigDict:
+  """A backbone at a scale (its own shape there, `SHAPES`) with a taper preset and a training
+  recipe; tiny runs in float32 at seq 128 for CPU tests."""
   config = base_config()
   config.model.backbone = backbone
-  shape = dict(SCALES[scale])
+  shape = dict(SCALES[scale], **SHAPES.get(backbone, {}).get(scale, {}))
   config.model.taper.tile = shape.pop("tile")
   config.model.update(shape)
   config.model.taper.update(TAPERS[preset])
   if scale == "tiny":
     config.model.dtype = "float32"
     config.train.seq_len = 128
+  if recipe == "paper":
+    paper_recipe(config, PAPER_TOKENS[scale])
   return config
+
+
+def paper_recipe(config: ml_collections.ConfigDict, tokens: float) -> None:
+  """The paper's likely recipe (PAPERS.md section 1): 4K context, 0.5M-token global batches
+  (128 x 4096, as 4 accumulated microbatches of 32), AdamW lr 4e-4 with a cosine schedule and
+  weight decay 0.1, `tokens` tokens, and a 32K SentencePiece tokenizer the user trains
+  (`data.spm_model`; README). Warmup (2000 steps) is unpublished."""
+  tr = config.train
+  tr.update(seq_len=4096, batch_size=128, grad_accum=4, learning_rate=4e-4)
+  tr.update(lr_schedule="cosine", weight_decay=0.1, min_lr_ratio=0.1, warmup_steps=2000)
+  tr.update(steps=round(tokens / (128 * 4096)), eval_every=1000, checkpoint_every=1000)
+  config.data.tokenizer = "sentencepiece"
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -249,7 +330,21 @@ def from_json(path: str) -> ml_collections.ConfigDict:
     saved = json.load(f)
   config = base_config()
   _overlay(config, saved)
+  _keep_trained_behaviour(config, saved.get("model", {}))
   return config
+
+
+def _keep_trained_behaviour(config: ml_collections.ConfigDict, saved_model: dict[str, Any]) -> None:
+  """Fields added with a new default take, in a workdir written before them, the value that
+  reproduces what it trained: a gate bias, and Hope's mean-loss inner step (lr / C per
+  token, no trust region)."""
+  if "gate_bias" not in saved_model:
+    config.model.gate_bias = True
+  hope = saved_model.get("hope", {})
+  if hope and "max_step" not in hope:
+    config.model.hope.max_step = 0.0
+    lrs = zip(config.model.hope.inner_lrs, config.model.hope.chunk_sizes)
+    config.model.hope.inner_lrs = tuple(lr / chunk if chunk else lr for lr, chunk in lrs)
 
 
 def _overlay(node: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
@@ -362,29 +457,71 @@ class TaperSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TitansSpec:
-  """`model.titans`: the neural memory (sizes and gate ranges are unpublished)."""
+  """`model.titans`: the neural memory (sizes and gate ranges are unpublished).
+
+  chunk_size: tokens whose inner gradients are taken at one memory state.
+  segment_size: mac only, the attention segment (unpublished; 512, the sliding
+    window the scale configs give mag and mal); a multiple of chunk_size.
+  mag_combine: mag only, "gate" = norm(y) * sigmoid(norm(M(x))) (the paper's
+    y (x) M(x)), "mix" = g(x) y + (1 - g(x)) M(x) with a learned sigmoid g (the
+    earlier convex mix, kept for comparison).
+  unroll: unroll the scans over chunks and mac segments; XLA's cost analysis
+    counts a loop body once, so FLOP counts of the compiled step need it.
+  max_grad_norm: each token's inner gradient (all memory layers) is scaled to
+    at most this norm; 0 = the paper's uncapped rule. Inside a chunk the same
+    stale gradient is applied up to chunk_size times and momentum amplifies it,
+    so the chunked rule can diverge where the token-by-token one does not; with
+    the cap and forgetting the memory stays bounded. Unpublished (a departure).
+  """
 
   variant: str = "mag"
   chunk_size: int = 64
   memory_depth: int = 2
   memory_width: int = 128
   max_inner_lr: float = 0.02
+  segment_size: int = 512
+  mag_combine: str = "gate"
+  unroll: bool = False
+  max_grad_norm: float = 20.0
 
   def validate(self) -> None:
     _check_choice("model.titans.variant", self.variant, TITANS_VARIANTS)
-    fields = ("chunk_size", "memory_depth", "memory_width")
+    _check_choice("model.titans.mag_combine", self.mag_combine, TITANS_MAG_COMBINES)
+    fields = ("chunk_size", "memory_depth", "memory_width", "segment_size")
     _check_ints("model.titans", {f: getattr(self, f) for f in fields}, 1)
     _require(self.max_inner_lr >= 0, f"model.titans.max_inner_lr={self.max_inner_lr} must be >= 0")
+    _require(
+      self.max_grad_norm >= 0, f"model.titans.max_grad_norm={self.max_grad_norm} must be >= 0"
+    )
+    _require(
+      self.variant != "mac" or self.segment_size % self.chunk_size == 0,
+      f"model.titans.segment_size={self.segment_size} must be a multiple of "
+      f"model.titans.chunk_size={self.chunk_size}: the memory steps over each segment in chunks",
+    )
+    _require(
+      isinstance(self.unroll, bool), f"model.titans.unroll={self.unroll!r} must be true or false"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class HopeSpec:
-  """`model.hope`: Continuum Memory System levels, fastest first."""
+  """`model.hope`: Continuum Memory System levels, fastest first (tlm_jax/model/hope.py).
+
+  inner_lrs: per-token step sizes; an update sums the gradients of its chunk's
+    tokens (the paper's CMS rule), so a level's step does not shrink with its
+    chunk size. Unpublished; 3e-4 trained the tiny config best of 0, 3e-4 and
+    1e-3 (150 steps at lr 3e-3, one seed: 3.64, 3.58, 3.67 bits/byte).
+  max_step: trust region of an in-context update, relative to each weight
+    matrix's norm (0: plain gradient steps, which diverge at high outer lr).
+  unroll: unroll the scans over chunks, for XLA's FLOP count of the compiled step.
+  """
 
   chunk_sizes: tuple[int, ...] = (16, 64, 0)
   width_fractions: tuple[float, ...] = (0.25, 0.25, 0.5)
-  inner_lrs: tuple[float, ...] = (0.01, 0.01, 0.0)
+  inner_lrs: tuple[float, ...] = (3e-4, 3e-4, 0.0)
+  max_step: float = 0.1
   level_tile: int = 128
+  unroll: bool = False
 
   def validate(self) -> None:
     sizes, fractions, lrs = self.chunk_sizes, self.width_fractions, self.inner_lrs
@@ -402,6 +539,30 @@ class HopeSpec:
       f"model.hope.width_fractions={fractions} must be positive and sum to 1",
     )
     _check_ints("model.hope", dict(level_tile=self.level_tile), 1)
+    _require(
+      min(lrs) >= 0 and self.max_step >= 0,
+      f"model.hope.inner_lrs={lrs} and model.hope.max_step={self.max_step} must be >= 0",
+    )
+    _require(isinstance(self.unroll, bool), f"model.hope.unroll={self.unroll!r} must be a bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualSpec:
+  """`model.residual`: the residual stream's width per layer (see tlm_jax/xshape.py)."""
+
+  schedule: str = "uniform"
+  ends: float = 1.5
+  middle: float = 0.5
+  widths: tuple[int, ...] = ()
+  tile: int = 32
+
+  def validate(self) -> None:
+    _check_choice("model.residual.schedule", self.schedule, RESIDUAL_SCHEDULES)
+    _check_ints("model.residual", dict(tile=self.tile), 1)
+    _require(
+      self.ends > 0 and self.middle > 0,
+      f"model.residual.ends={self.ends} and model.residual.middle={self.middle} must be positive",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +574,7 @@ class ModelSpec:
 
   backbone: str = "transformer"
   gate: str = "elementwise"
+  gate_bias: bool = False
   vocab_size: int = 256
   d_model: int = 64
   num_layers: int = 4
@@ -424,6 +586,7 @@ class ModelSpec:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   init_std: float = 0.02
+  init: str = "standard"
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   attention_impl: str = "xla"
@@ -434,11 +597,12 @@ class ModelSpec:
   titans: TitansSpec = TitansSpec()
   hope: HopeSpec = HopeSpec()
   taper: TaperSpec = TaperSpec()
+  residual: ResidualSpec = ResidualSpec()
 
   @classmethod
   def from_config(cls, model_cfg: Any) -> ModelSpec:
     values = dict(model_cfg)
-    nested = dict(titans=TitansSpec, hope=HopeSpec, taper=TaperSpec)
+    nested = dict(titans=TitansSpec, hope=HopeSpec, taper=TaperSpec, residual=ResidualSpec)
     for name, spec_cls in nested.items():
       if name in values:
         values[name] = _from_section(spec_cls, values[name], f"model.{name}")
@@ -449,6 +613,10 @@ class ModelSpec:
   def validate(self) -> None:
     _check_choice("model.backbone", self.backbone, BACKBONES)
     _check_choice("model.gate", self.gate, GATES)
+    _check_choice("model.init", self.init, INITS)
+    _require(
+      isinstance(self.gate_bias, bool), f"model.gate_bias={self.gate_bias!r} must be true or false"
+    )
     sizes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_width")
     _check_ints("model", {f: getattr(self, f) for f in sizes}, 1)
     _require(
@@ -488,6 +656,7 @@ class ModelSpec:
     self.titans.validate()
     self.hope.validate()
     self.taper.validate()
+    self.residual.validate()
 
 
 def model_spec(config: Any) -> ModelSpec:
@@ -556,10 +725,25 @@ def validate_data(dcfg: Any) -> None:
     dcfg.source != "local" or bool(dcfg.files),
     "data.source='local' needs data.files (glob(s) of .txt / .jsonl files)",
   )
+
+
+def check_vocab(config: Any, tokenizer_vocab: int) -> None:
+  """The model's vocabulary against its tokenizer's (train checks it; bench, aot and taper do
+  not look at the tokenizer): it must hold every id, and a far larger one (unused rows over
+  10% and 128, e.g. a 32K model with the 256-id byte tokenizer) needs
+  data.allow_unused_vocab=True, so no one trains dead embedding rows by accident."""
+  vocab = config.model.vocab_size
   _require(
-    dcfg.tokenizer != "sentencepiece" or bool(dcfg.spm_model),
-    "data.tokenizer='sentencepiece' needs data.spm_model (train one with "
-    "python -m tlm_jax.data.tokenizers)",
+    tokenizer_vocab <= vocab,
+    f"the tokenizer has {tokenizer_vocab} ids but model.vocab_size={vocab}; raise model.vocab_size",
+  )
+  unused = vocab - tokenizer_vocab
+  _require(
+    unused <= max(128, vocab // 10) or config.data.allow_unused_vocab,
+    f"model.vocab_size={vocab} but the {config.data.tokenizer} tokenizer has "
+    f"{tokenizer_vocab} ids: {unused:,} embedding rows would never be used. Train a tokenizer "
+    "of that size (python -m tlm_jax.data.tokenizers) and set data.tokenizer and "
+    "data.spm_model, or set data.allow_unused_vocab=True if this is intended",
   )
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from tlm_jax import checkpoint, cli, evaluate, metrics, optim, prefetch, sharding, state
+from tlm_jax import config as config_lib
 from tlm_jax.data import pipeline, tokenizers
-from tlm_jax.errors import ConfigError
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[int]) -> None:
@@ -78,11 +78,7 @@ def _train(
   tcfg = config.train
   is_main = jax.process_index() == 0
   tokenizer = tokenizers.make_tokenizer(config.data)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(
-      f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
-      f"{config.model.vocab_size}; raise model.vocab_size"
-    )
+  config_lib.check_vocab(config, tokenizer.vocab_size)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     write_run_files(config, workdir, run.widths)
@@ -111,7 +107,8 @@ def _train(
   preemption = stack.enter_context(contextlib.closing(Preemption()))
   progress = stack.enter_context(contextlib.closing(metrics.Progress(start, tcfg.steps, is_main)))
   last_train, last_eval = {}, {}
-  window_start, window_steps = time.perf_counter(), 0
+  # Throughput windows leave out compilation (this run's first step), evaluation and saving.
+  window_start, window_steps, paused = time.perf_counter(), 0, 0.0
 
   def run_eval(step):
     split = config.data.eval_split
@@ -126,9 +123,14 @@ def _train(
   step = start
   while step < tcfg.steps:
     batch, data_state = next(batches)
+    step_start = time.perf_counter()
     train_state, out = run.train_step(train_state, batch)
     step += 1
-    window_steps += 1
+    if step == start + 1:  # it compiled the step
+      jax.block_until_ready(out)
+      paused += time.perf_counter() - step_start
+    else:
+      window_steps += 1
     last_step = step == tcfg.steps
     log = step % tcfg.log_every == 0 or last_step
     # Several hosts agree on preemption with a collective, so they ask only when logging.
@@ -149,7 +151,9 @@ def _train(
           "train.learning_rate or raise train.warmup_steps, then rerun."
         )
     if log:
-      elapsed = time.perf_counter() - window_start
+      elapsed = time.perf_counter() - window_start - paused
+      if not window_steps:  # only the compiling step so far: it is all there is to time
+        elapsed, window_steps = elapsed + paused, 1
       tokens_per_sec = window_steps * tokens_per_step / elapsed
       last_train = dict(
         step=step,
@@ -162,11 +166,16 @@ def _train(
       )
       writer.write(last_train)
       progress.update(last_train)
-      window_start, window_steps = time.perf_counter(), 0
-    if step % tcfg.eval_every == 0 or last_step:
-      last_eval = run_eval(step)
-    if save:
-      ckpt.save(step, train_state, data_state, force=True)
+      window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+    evaluate_now = step % tcfg.eval_every == 0 or last_step
+    if evaluate_now or save:
+      jax.block_until_ready(out)  # queued steps belong to the window, not the pause
+      pause_start = time.perf_counter()
+      if evaluate_now:
+        last_eval = run_eval(step)
+      if save:
+        ckpt.save(step, train_state, data_state, force=True)
+      paused += time.perf_counter() - pause_start
     if preempted:
       ckpt.wait()
       if is_main:

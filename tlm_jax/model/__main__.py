@@ -1,10 +1,14 @@
-"""Build a config's model, check its parameter budget, and run one forward pass.
+"""Build a config's model, check its parameter and FLOP accounting, and run one forward pass.
 
-    python -m tlm_jax.model --config configs/tlm_transformer.py:tiny
+    python -m tlm_jax.model --config configs/tlm_transformer.py:tiny [--json]
 
-Prints one JSON object: widths, parameters counted from the built state (and
-the uniform twin's, built the same way), and the untrained next-token loss on
-a byte-encoded sample, which should sit near ln(vocab_size).
+Reports widths, `params` counted from the built state (and the uniform twin's,
+built the same way), `flops_per_token` (costs.py, the MFU convention: what
+train and bench use) next to `xla_flops_per_token`, XLA's count of the
+compiled train step (tlm_jax.metrics.xla_flops_per_token; it also counts
+elementwise ops, the optimizer and the masked half of causal attention, so it
+sits a little above), and the untrained next-token loss on a byte-encoded
+sample, which should sit near ln(vocab_size).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from tlm_jax import cli, state, taper
+from tlm_jax import cli, metrics, state, taper, xshape
 from tlm_jax import config as config_lib
 from tlm_jax.model import costs, lm
 
@@ -41,12 +45,17 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
   logits_BTV = forward(params, tokens_BT).block_until_ready()
   seconds = time.perf_counter() - start
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1], tokens_BT[:, 1:])
+  spec = config_lib.model_spec(config)
+  residual, widths = taper.plan(spec, config_lib.tensor_parallel_size(config))
   return dict(
     widths=list(model.widths),
     layers_mode=config.model.layers_mode,
     params=lm.param_count(model),
     uniform_twin_params=twin_count,
-    params_from_costs=costs.total_params(config_lib.model_spec(config), list(model.widths)),
+    params_from_costs=costs.total_params(spec, list(model.widths)),
+    flops_per_token=xshape.flops_per_token(spec, widths, residual, config.train.seq_len),
+    xla_flops_per_token=round(metrics.xla_flops_per_token(config)),
+    seq_len=config.train.seq_len,
     logits_shape=list(logits_BTV.shape),
     untrained_loss=float(loss.mean()),
     log_vocab=math.log(config.model.vocab_size),
@@ -56,9 +65,16 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  print(json.dumps(summarize(_CONFIG.value), indent=1))
+  summary = summarize(_CONFIG.value)
+  if _JSON.value:
+    print(json.dumps(summary))
+  else:
+    print("\n".join(f"{key:>22} {value}" for key, value in summary.items()))
 
 
 if __name__ == "__main__":
+  from absl import flags
+
   _CONFIG = cli.config_flag()
+  _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of key: value lines.")
   cli.run(main)

@@ -30,8 +30,27 @@ def param(
 
 
 def output_std(spec: ModelSpec) -> float:
-  """Depth-scaled init for projections that write into the residual stream (GPT-2)."""
+  """Depth-scaled init for projections that write into the residual stream (GPT-2).
+
+  Like every init std here it does not depend on a layer's MLP width, so under
+  the standard init a tapered model's wide early MLPs start with a larger
+  output variance than the uniform model's (a confounder `mlp_output_std` can
+  remove).
+  """
   return spec.init_std / math.sqrt(2 * spec.num_layers)
+
+
+def mlp_output_std(spec: ModelSpec, width: int) -> float:
+  """The std of an MLP's output projection in a layer of MLP width `width`.
+
+  A down projection sums `width` hidden units, so its output variance at init
+  grows linearly with the width. model.init="width_scaled" multiplies the
+  std by sqrt(mlp_width / width): every layer's MLP output variance at init is
+  then that of the uniform model's, whatever the taper (an ablation of the
+  init confounder); "standard" keeps output_std for every width.
+  """
+  scale = math.sqrt(spec.mlp_width / width) if spec.init == "width_scaled" else 1.0
+  return output_std(spec) * scale
 
 
 class RMSNorm(nnx.Module):
@@ -66,7 +85,7 @@ class SwiGLU(nnx.Module):
     d, pdt = spec.d_model, jnp.dtype(spec.param_dtype)
     self.w_gate = param(rngs, (d, width), ("embed", "mlp"), spec.init_std, pdt)
     self.w_up = param(rngs, (d, width), ("embed", "mlp"), spec.init_std, pdt)
-    self.w_down = param(rngs, (width, d), ("mlp", "embed"), output_std(spec), pdt)
+    self.w_down = param(rngs, (width, d), ("mlp", "embed"), mlp_output_std(spec, width), pdt)
     self.dtype = jnp.dtype(spec.dtype)
 
   def __call__(self, x_BTD: Array) -> Array:

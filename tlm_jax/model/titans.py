@@ -1,8 +1,9 @@
-"""Titans' neural long-term memory (Behrouz, Zhong, Mirrokni 2025), trained in parallel over chunks.
+"""Titans (Behrouz, Zhong, Mirrokni 2025): a neural long-term memory learned at test time, and
+the three ways the paper puts it beside sliding-window attention (MAG, MAL, MAC).
 
 Per head, the memory M is a small MLP (`titans.memory_depth` linear layers,
 SiLU between them) learned at test time. For token t, with k_t, v_t, q_t the
-conv-filtered projections (q and k L2-normalised):
+projections through a depthwise causal conv and SiLU (q and k L2-normalised):
 
     loss      l(M; x_t) = || M(k_t) - v_t ||^2
     surprise  S_t = eta_t * S_{t-1} - theta_t * grad l(M_c; x_t)
@@ -14,13 +15,26 @@ where M_c is the memory at the end of the previous chunk of
 the fully sequential rule). The gradient of one token's loss for a linear
 layer is an outer product in_s x delta_s, so inside a chunk every M_t is
 M_c, S_c and a weighted sum of those outer products. The two linear
-recurrences are solved in closed form from cumulative log-decays (what an
-associative scan of (decay, input) pairs computes, written as lower-
-triangular chunk x chunk matrices), and reads become matmuls, as in linear
-attention. Chunks are chained with lax.scan.
+recurrences are solved in closed form with lower-triangular chunk x chunk
+decay matrices (what an associative scan of (decay, input) pairs computes),
+and reads become matmuls, as in linear attention. Chunks are chained with
+lax.scan. Each token's gradient is scaled to a norm of at most
+`titans.max_grad_norm` (not in the paper; 0 turns it off): inside a chunk the
+same stale gradient is applied up to chunk_size times, amplified by momentum,
+so the chunked rule can blow up where the token-by-token rule stays bounded.
+
+The decay matrices are products of (1 - alpha) and of eta over (u, t]. They
+are summed in log space segment by segment (each entry its own sum, not a
+difference of running sums) from logs floored at the smallest normal float32:
+a gate of exactly 0 or 1 (a sigmoid saturates in float32 once its logit
+passes ~17 or falls below ~-104) then gives decays of 0 and finite
+gradients, as the token-by-token product does, instead of -inf - (-inf).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +42,9 @@ from flax import nnx
 
 from tlm_jax.config import ModelSpec
 from tlm_jax.errors import ConfigError
-from tlm_jax.model.attention import Attention
-from tlm_jax.model.costs import memory_shapes
-from tlm_jax.model.layers import output_std, param
+from tlm_jax.model.attention import Attention, attention_mask
+from tlm_jax.model.costs import CONV_WIDTH, memory_shapes
+from tlm_jax.model.layers import RMSNorm, output_std, param
 
 Array = jax.Array
 
@@ -71,15 +85,30 @@ def token_gradients(
   return ins, deltas
 
 
-def _decay_matrix(log_cum_C: Array) -> Array:
-  """D[t, u] = exp(L[t] - L[u]) for u <= t (the product of decays after u up to t), else 0."""
-  size = log_cum_C.shape[0]
-  lower = jnp.tril(jnp.ones((size, size), bool))
-  diff = jnp.where(lower, log_cum_C[:, None] - log_cum_C[None, :], -jnp.inf)
-  return jnp.exp(diff)
+def clip_gradients(ins: list[Array], deltas: list[Array], max_norm: float) -> list[Array]:
+  """Deltas scaled so that each token's gradient, all layers together, has a norm of at most
+  max_norm (0: no cap). |outer(in, delta)| = |in| |delta|, so the factors suffice."""
+  if not max_norm:
+    return deltas
+  squares_C = sum(jnp.sum(i * i, -1) * jnp.sum(d * d, -1) for i, d in zip(ins, deltas))
+  scale_C = jnp.minimum(1.0, max_norm * jax.lax.rsqrt(squares_C + 1e-12))
+  return [d * scale_C[:, None] for d in deltas]
 
 
-def memory_chunk(state, chunk):
+def log_gate(p: Array) -> Array:
+  """log p for a gate p in [0, 1], floored so that p = 0 gives a finite log (zero gradient)."""
+  return jnp.log(jnp.maximum(p, jnp.finfo(jnp.float32).tiny))
+
+
+def segment_sums(log_C: Array) -> Array:
+  """S[t, u] = sum of log_C over (u, t] for u <= t, else -inf (Mamba-2's segsum)."""
+  size = log_C.shape[0]
+  t, u = jnp.arange(size)[:, None], jnp.arange(size)[None, :]
+  sums_CC = jnp.cumsum(jnp.where(t > u, log_C[:, None], 0.0), axis=0)
+  return jnp.where(t >= u, sums_CC, -jnp.inf)
+
+
+def memory_chunk(state, chunk, max_grad_norm: float = 0.0):
   """One chunk for one head.
 
   (M_c, S_c), (q, k, v, eta, theta, alpha) -> (M, S at the chunk's end), reads.
@@ -87,11 +116,13 @@ def memory_chunk(state, chunk):
   weights, surprise = state
   q_CH, k_CH, v_CH, eta_C, theta_C, alpha_C = chunk
   ins, deltas = token_gradients(weights, k_CH, v_CH)
-  keep_C = jnp.cumsum(jnp.log1p(-alpha_C))  # log prod (1 - alpha)
-  momentum_C = jnp.cumsum(jnp.log(eta_C))  # log prod eta
-  forget_CC, carry_CC = _decay_matrix(keep_C), _decay_matrix(momentum_C)
-  a_C = jnp.exp(keep_C)  # weight of M_c in M_t
-  b_C = forget_CC @ jnp.exp(momentum_C)  # weight of S_c in M_t
+  deltas = clip_gradients(ins, deltas, max_grad_norm)
+  log_keep_C, log_eta_C = log_gate(1 - alpha_C), log_gate(eta_C)
+  forget_CC = jnp.exp(segment_sums(log_keep_C))  # prod of (1 - alpha) over (u, t]
+  carry_CC = jnp.exp(segment_sums(log_eta_C))  # prod of eta over (u, t]
+  a_C = jnp.exp(jnp.cumsum(log_keep_C))  # weight of M_c in M_t
+  momentum_C = jnp.exp(jnp.cumsum(log_eta_C))  # weight of S_c in S_t
+  b_C = forget_CC @ momentum_C  # weight of S_c in M_t
   # mix[t, s]: weight of -theta_s * grad_s in M_t.
   mix_CC = (forget_CC @ carry_CC) * theta_C[None, :]
   h = q_CH
@@ -104,10 +135,41 @@ def memory_chunk(state, chunk):
     for l, (w, s) in enumerate(zip(weights, surprise))
   ]
   new_surprise = [
-    jnp.exp(momentum_C[-1]) * s - ins[l].T @ (last_surprise_C[:, None] * deltas[l])
+    momentum_C[-1] * s - ins[l].T @ (last_surprise_C[:, None] * deltas[l])
     for l, s in enumerate(surprise)
   ]
   return (new_weights, new_surprise), h
+
+
+def memory_scan(
+  state: tuple[list[Array], list[Array]],
+  q_TH: Array,
+  k_TH: Array,
+  v_TH: Array,
+  eta_T: Array,
+  theta_T: Array,
+  alpha_T: Array,
+  chunk_size: int,
+  unroll: bool = False,
+  max_grad_norm: float = 0.0,
+) -> tuple[tuple[list[Array], list[Array]], Array]:
+  """One head over a sequence (T divisible by chunk_size) from state (M, S).
+
+  Returns the state at the end and the reads y_t = M_t(q_t). Everything is
+  differentiable, so the outer model learns the initial memory, the
+  projections and the gates through the inner updates. max_grad_norm caps
+  each token's inner gradient (0: the paper's uncapped rule).
+  """
+  length = q_TH.shape[0]
+  chunks = length // chunk_size
+
+  def split(x):
+    return x.reshape(chunks, chunk_size, *x.shape[1:])
+
+  xs = tuple(split(x) for x in (q_TH, k_TH, v_TH, eta_T, theta_T, alpha_T))
+  step = functools.partial(memory_chunk, max_grad_norm=max_grad_norm)
+  state, y = jax.lax.scan(step, state, xs, unroll=unroll)
+  return state, y.reshape(length, -1)
 
 
 def memory_read(
@@ -120,26 +182,13 @@ def memory_read(
   alpha_T: Array,
   chunk_size: int,
 ) -> Array:
-  """Reads y_t = M_t(q_t) for one head over a sequence (T divisible by chunk_size).
-
-  The memory starts at weights0 with zero surprise; everything is
-  differentiable, so the outer model learns weights0, the projections and
-  the gates through the inner updates.
-  """
-  length = q_TH.shape[0]
-  chunks = length // chunk_size
-
-  def split(x):
-    return x.reshape(chunks, chunk_size, *x.shape[1:])
-
-  xs = tuple(split(x) for x in (q_TH, k_TH, v_TH, eta_T, theta_T, alpha_T))
+  """Reads of one head's memory started at weights0 with zero surprise."""
   state = (list(weights0), [jnp.zeros_like(w) for w in weights0])
-  _, y = jax.lax.scan(memory_chunk, state, xs)
-  return y.reshape(length, -1)
+  return memory_scan(state, q_TH, k_TH, v_TH, eta_T, theta_T, alpha_T, chunk_size)[1]
 
 
-def multihead_memory_read(
-  weights0: list[Array],
+def multihead_memory_scan(
+  state: tuple[list[Array], list[Array]],
   q_BTNH: Array,
   k_BTNH: Array,
   v_BTNH: Array,
@@ -147,12 +196,15 @@ def multihead_memory_read(
   theta_BTN: Array,
   alpha_BTN: Array,
   chunk_size: int,
-) -> Array:
-  """Batched over (batch, heads); weights0[l] is (N, in, out). Returns reads (B, T, N, H)."""
-  per_head = jax.vmap(memory_read, in_axes=(0, 1, 1, 1, 1, 1, 1, None), out_axes=1)
-  return jax.vmap(per_head, in_axes=(None, 0, 0, 0, 0, 0, 0, None))(
-    weights0, q_BTNH, k_BTNH, v_BTNH, eta_BTN, theta_BTN, alpha_BTN, chunk_size
+  unroll: bool = False,
+  max_grad_norm: float = 0.0,
+) -> tuple[tuple[list[Array], list[Array]], Array]:
+  """memory_scan over (batch, heads); state leaves are (B, N, in, out), reads (B, T, N, H)."""
+  scan = functools.partial(
+    memory_scan, chunk_size=chunk_size, unroll=unroll, max_grad_norm=max_grad_norm
   )
+  per_head = jax.vmap(scan, in_axes=(0,) + (1,) * 6, out_axes=(0, 1))
+  return jax.vmap(per_head)(state, q_BTNH, k_BTNH, v_BTNH, eta_BTN, theta_BTN, alpha_BTN)
 
 
 def causal_conv(x_BTNH: Array, kernel_WNH: Array) -> Array:
@@ -168,27 +220,32 @@ def l2_normalize(x: Array) -> Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
+def left_pad(x_BT: Array, count: int) -> Array:
+  """`count` zeros before the time axis (axis 1)."""
+  return jnp.pad(x_BT, [(0, 0), (count, 0)] + [(0, 0)] * (x_BT.ndim - 2))
+
+
 class NeuralMemory(nnx.Module):
-  """Multi-head Titans memory: q/k/v projections, causal conv, gates, chunked memory, output.
+  """Multi-head Titans memory: q/k/v projections, causal conv and SiLU, gates, chunked
+  memory, and an output that passes a norm and a learned gate before its projection.
 
   eta (momentum), theta (inner learning rate, at most titans.max_inner_lr)
   and alpha (forgetting) are sigmoids of per-head linear maps of x_t. The
   initial memory weights are ordinary parameters, learned by the outer loop.
+  Output: w_o(RMSNorm(y) * SiLU(x W_gate)), the norm over each head's
+  channels with one learned scale shared by the heads; the paper says "norm
+  and gating with a linear layer" without the non-linearity: SiLU as in
+  Gated DeltaNet's output gate, the recipe Titans follows.
   """
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
     d, n, h = spec.d_model, spec.num_heads, spec.head_dim
     pdt, std = jnp.dtype(spec.param_dtype), spec.init_std
-    for name in ("w_q", "w_k", "w_v"):
+    for name in ("w_q", "w_k", "w_v", "w_gate"):
       setattr(self, name, param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, pdt))
-    for name in ("conv_q", "conv_k", "conv_v"):  # start as identity filters
-      setattr(
-        self,
-        name,
-        nnx.Param(
-          jnp.zeros((4, n, h), pdt).at[0].set(1.0), logical_axes=(None, "heads", "head_dim")
-        ),
-      )
+    identity = jnp.zeros((CONV_WIDTH, n, h), pdt).at[0].set(1.0)  # convs start as identity
+    for name in ("conv_q", "conv_k", "conv_v"):
+      setattr(self, name, nnx.Param(identity, logical_axes=(None, "heads", "head_dim")))
     for name in ("w_eta", "w_theta", "w_alpha"):
       setattr(self, name, param(rngs, (d, n), ("embed", "heads"), std, pdt))
     # Biases: momentum ~0.5, inner lr ~0.5 * max, forgetting ~0.02 at the start. Within a
@@ -202,8 +259,10 @@ class NeuralMemory(nnx.Module):
         for fan_in, fan_out in memory_shapes(spec)
       ]
     )
+    self.out_norm = RMSNorm(h, spec.norm_eps, pdt)
     self.w_o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), output_std(spec), pdt)
     self.chunk_size, self.max_inner_lr = spec.titans.chunk_size, spec.titans.max_inner_lr
+    self.unroll, self.max_grad_norm = spec.titans.unroll, spec.titans.max_grad_norm
     self.dtype = jnp.dtype(spec.dtype)
 
   def check_length(self, length: int) -> None:
@@ -214,7 +273,7 @@ class NeuralMemory(nnx.Module):
       )
 
   def project(self, x_BTD: Array, name: str, tail_BWNH: Array | None = None) -> tuple[Array, Array]:
-    """x W_name through the causal conv (q and k L2-normalised), float32 (B, T, N, H).
+    """SiLU(conv(x W_name)), q and k L2-normalised, float32 (B, T, N, H).
 
     tail: the 3 pre-conv rows before x (a previous segment's), zeros if None.
     Returns the result and the new tail (the last 3 pre-conv rows).
@@ -227,7 +286,7 @@ class NeuralMemory(nnx.Module):
     if tail_BWNH is None:
       tail_BWNH = jnp.zeros((y_BTNH.shape[0], width, *y_BTNH.shape[2:]), y_BTNH.dtype)
     full_BTNH = jnp.concatenate([tail_BWNH.astype(y_BTNH.dtype), y_BTNH], axis=1)
-    out_BTNH = causal_conv(full_BTNH, kernel)[:, width:].astype(jnp.float32)
+    out_BTNH = jax.nn.silu(causal_conv(full_BTNH, kernel)[:, width:].astype(jnp.float32))
     return (out_BTNH if name == "v" else l2_normalize(out_BTNH)), full_BTNH[:, -width:]
 
   def gates(self, x_BTD: Array) -> tuple[Array, Array, Array]:
@@ -244,95 +303,176 @@ class NeuralMemory(nnx.Module):
       gate(self.w_alpha, self.b_alpha),
     )
 
-  def initial_weights(self) -> list[Array]:
-    return [w[...].astype(jnp.float32) for w in self.memory]
+  @property
+  def scan_options(self) -> dict:
+    return dict(chunk_size=self.chunk_size, unroll=self.unroll, max_grad_norm=self.max_grad_norm)
 
-  def output(self, y_BTNH: Array) -> Array:
-    return jnp.einsum("btnh,nhd->btd", y_BTNH.astype(self.dtype), self.w_o[...].astype(self.dtype))
+  def initial_state(self, batch: int) -> tuple[list[Array], list[Array]]:
+    """The learned initial memory for each sequence, zero surprise: leaves (B, N, in, out)."""
+    weights = [jnp.broadcast_to(w[...].astype(jnp.float32), (batch, *w.shape)) for w in self.memory]
+    return weights, [jnp.zeros_like(w) for w in weights]
 
-  def __call__(self, x_BTD: Array) -> Array:
-    self.check_length(x_BTD.shape[1])
-    (q_BTNH, _), (k_BTNH, _), (v_BTNH, _) = (self.project(x_BTD, n) for n in "qkv")
-    y_BTNH = multihead_memory_read(
-      self.initial_weights(), q_BTNH, k_BTNH, v_BTNH, *self.gates(x_BTD), self.chunk_size
+  def scan(
+    self, state: tuple[list[Array], list[Array]], x_BTD: Array, tails: dict[str, Array]
+  ) -> tuple[tuple[list[Array], list[Array]], dict[str, Array], Array]:
+    """Memory steps over x (whole chunks) from `state`, and the reads before `output`.
+
+    tails: the conv tails per name q, k, v (a previous call's, or zeros).
+    Returns (state, tails, reads (B, T, N, H)).
+    """
+    projected = {n: self.project(x_BTD, n, tails[n]) for n in "qkv"}
+    chunk = tuple(projected[n][0] for n in "qkv") + self.gates(x_BTD)
+    state, y_BTNH = multihead_memory_scan(state, *chunk, **self.scan_options)
+    return state, {n: projected[n][1] for n in "qkv"}, y_BTNH
+
+  def output(self, y_BTNH: Array, x_BTD: Array) -> Array:
+    """w_o(norm(y) * SiLU(x W_gate)): reads back to the model width, gated by their input x."""
+    gate_BTNH = jnp.einsum(
+      "btd,dnh->btnh", x_BTD.astype(self.dtype), self.w_gate[...].astype(self.dtype)
     )
-    return self.output(y_BTNH)
+    gated_BTNH = (self.out_norm(y_BTNH) * jax.nn.silu(gate_BTNH)).astype(self.dtype)
+    return jnp.einsum("btnh,nhd->btd", gated_BTNH, self.w_o[...].astype(self.dtype))
+
+  def __call__(self, x_BSD: Array, prefix: int = 0) -> Array:
+    """Outputs at every position of x = [prefix tokens | sequence], the memory learning from
+    all of them in order; the sequence is whole chunks, the prefix any length.
+
+    Neutral tokens (inner lr 0, no forgetting) go before the prefix so that the sequence
+    starts a chunk: they leave the initial memory and the zero surprise as they are.
+    """
+    batch, length = x_BSD.shape[:2]
+    self.check_length(length - prefix)
+    pad = -prefix % self.chunk_size
+    q_BSNH, k_BSNH, v_BSNH = (self.project(x_BSD, n)[0] for n in "qkv")
+    eta_BSN, theta_BSN, alpha_BSN = self.gates(x_BSD)
+    padded = [left_pad(a, pad) for a in (q_BSNH, k_BSNH, v_BSNH, eta_BSN, theta_BSN, alpha_BSN)]
+    _, y_BSNH = multihead_memory_scan(self.initial_state(batch), *padded, **self.scan_options)
+    return self.output(y_BSNH[:, pad:], x_BSD)
 
 
 class Titans(nnx.Module):
-  """A Titans token mixer: neural memory with sliding-window attention.
+  """A Titans token mixer: the neural memory with attention, `titans.variant` says how.
 
-  mag (memory as a gate): attention and memory read the same input in
-  parallel; a learned per-channel sigmoid gate g(x) mixes them,
-  g * attention + (1 - g) * memory.
-  mal (memory as a layer): the memory's output is added to the stream and
-  attention reads the result: m = memory(x); out = m + attention(x + m).
-  mac (memory as context): segments of titans.chunk_size tokens, in order.
-  For segment i, with the memory as left by segments < i:
-    h = memory read of the segment's queries (no update yet), projected to d;
-    y = attention of the segment's tokens over [persistent | h | segment]
-        (token t sees the persistent slots and h_s, x_s for s <= t in its
-        segment: attention is segment-local, the memory carries the past);
-    the memory then takes its chunk step on keys/values/gates of y, and
-    out = y + memory read of y's queries (the paper's y (x) M(y), as a sum).
-  The attention is `Attention` with model.attention_window (mag, mal) and
-  model.persistent_tokens (Titans' persistent memory).
+  Persistent memory (`model.persistent_tokens` = P): learned tokens p, input-
+  independent, prepended to the sequence, x~ = [p | x], and seen by both
+  branches (mac: by every segment's attention, and by the memory through the
+  attention's output, as in the paper); outputs at their positions are
+  dropped. They sit at the positions just before the sequence (RoPE) and every
+  query sees them (the paper's sliding-window attention "with prefix").
+  mag (memory as a gate): y = SWA(x~), m = M(x~), out = norm(y) * sigmoid(norm(m)), each norm
+    with its own learned vector weight (the paper: y (x) M(x~) after normalising both with
+    learnable vector-valued weights and a non-linearity; the sigmoid makes the memory the
+    gate). titans.mag_combine="mix" gives the earlier convex mix g(x) y + (1 - g(x)) m.
+  mal (memory as a layer): y = M(x~), out = SWA(y), so attention reads only the memory's
+    output; the residual is the block's (x + out).
+  mac (memory as context): segments of titans.segment_size tokens, in order. For
+    segment i, with the memory as left by segments < i:
+      h = memory read of the segment's queries (no update yet);
+      y = attention of the segment's tokens over [p | h | segment] (token t sees p and
+          h_s, x_s for s <= t in its segment: attention is segment-local, the memory
+          carries the past);
+      the memory steps (chunks of titans.chunk_size) over y's keys and values, and
+      out = y (x) memory read of y, combined as in mag.
+  SWA: sliding-window attention of model.attention_window tokens (0: full causal).
   """
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
-    self.variant = spec.titans.variant
+    titans, d, pdt = spec.titans, spec.d_model, jnp.dtype(spec.param_dtype)
+    self.variant, self.segment_size, self.unroll = (
+      titans.variant,
+      titans.segment_size,
+      titans.unroll,
+    )
+    self.mix = titans.variant == "mag" and titans.mag_combine == "mix"
+    self.window = spec.attention_window
     self.memory = NeuralMemory(spec, rngs=rngs)
-    self.attention = Attention(spec, rngs=rngs)
-    if self.variant == "mag":
-      d, pdt = spec.d_model, jnp.dtype(spec.param_dtype)
+    self.attention = Attention(dataclasses.replace(spec, persistent_tokens=0), rngs=rngs)
+    self.persistent = (
+      param(rngs, (spec.persistent_tokens, d), (None, "embed"), spec.init_std, pdt)
+      if spec.persistent_tokens
+      else None
+    )
+    if self.mix:
       self.w_mix = param(rngs, (d, d), ("embed", None), spec.init_std, pdt)
       self.b_mix = nnx.Param(jnp.zeros((d,), pdt), logical_axes=(None,))
+    elif self.variant in ("mag", "mac"):
+      self.attention_norm = RMSNorm(d, spec.norm_eps, pdt)
+      self.memory_norm = RMSNorm(d, spec.norm_eps, pdt)
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
     if self.variant == "mac":
       return self.memory_as_context(x_BTD, positions_BT)
-    m_BTD = self.memory(x_BTD)
+    length, prefix = x_BTD.shape[1], self.prefix_length
+    x_BSD, positions_BS = self.with_prefix(x_BTD, positions_BT)
+    mask_TS = attention_mask(length, prefix, self.window)
     if self.variant == "mal":
-      return m_BTD + self.attention(x_BTD + m_BTD, positions_BT)
-    a_BTD = self.attention(x_BTD, positions_BT)
-    dtype = a_BTD.dtype
-    mix = x_BTD.astype(dtype) @ self.w_mix[...].astype(dtype) + self.b_mix[...].astype(dtype)
-    g_BTD = jax.nn.sigmoid(mix)
-    return g_BTD * a_BTD + (1 - g_BTD) * m_BTD
+      m_BSD = self.memory(x_BSD, prefix)
+      return self.attend(m_BSD[:, prefix:], m_BSD, positions_BT, positions_BS, mask_TS)
+    y_BTD = self.attend(x_BTD, x_BSD, positions_BT, positions_BS, mask_TS)
+    return self.combine(y_BTD, self.memory(x_BSD, prefix)[:, prefix:], x_BTD)
+
+  @property
+  def prefix_length(self) -> int:
+    return 0 if self.persistent is None else self.persistent.shape[0]
+
+  def with_prefix(self, x_BTD: Array, positions_BT: Array) -> tuple[Array, Array]:
+    """[persistent | x] and its positions, the persistent tokens just before x's first."""
+    if self.persistent is None:
+      return x_BTD, positions_BT
+    batch, prefix = x_BTD.shape[0], self.prefix_length
+    p_BPD = jnp.broadcast_to(
+      self.persistent[...].astype(x_BTD.dtype), (batch, *self.persistent.shape)
+    )
+    p_positions_BP = positions_BT[:, :1] + jnp.arange(-prefix, 0)
+    return (
+      jnp.concatenate([p_BPD, x_BTD], axis=1),
+      jnp.concatenate([p_positions_BP, positions_BT], axis=1),
+    )
+
+  def attend(self, x_BTD, context_BSD, positions_BT, context_positions_BS, mask_TS) -> Array:
+    y_BTNH = self.attention.attend_context(
+      x_BTD, context_BSD, positions_BT, context_positions_BS, mask_TS
+    )
+    return self.attention.project(y_BTNH)
+
+  def combine(self, y_BTD: Array, m_BTD: Array, x_BTD: Array) -> Array:
+    """The attention output y (x) the memory's m (the paper's), or the convex mix by x."""
+    if self.mix:
+      dtype = y_BTD.dtype
+      logits = x_BTD.astype(dtype) @ self.w_mix[...].astype(dtype) + self.b_mix[...].astype(dtype)
+      g_BTD = jax.nn.sigmoid(logits)
+      return g_BTD * y_BTD + (1 - g_BTD) * m_BTD
+    return self.attention_norm(y_BTD) * jax.nn.sigmoid(self.memory_norm(m_BTD))
 
   def memory_as_context(self, x_BTD: Array, positions_BT: Array) -> Array:
-    mem, size = self.memory, self.memory.chunk_size
-    mem.check_length(x_BTD.shape[1])
+    mem, size, prefix = self.memory, self.segment_size, self.prefix_length
     batch, length, dim = x_BTD.shape
+    if length % size:
+      raise ConfigError(
+        f"sequence length {length} is not a multiple of model.titans.segment_size={size}; "
+        "change train.seq_len or the segment size"
+      )
     q_BTNH, _ = mem.project(x_BTD, "q")
-    weights = [jnp.broadcast_to(w, (batch, *w.shape)) for w in mem.initial_weights()]
-    tails = {n: jnp.zeros((batch, 3, *q_BTNH.shape[2:]), self.memory.dtype) for n in "qkv"}
     causal = jnp.tril(jnp.ones((size, size), bool))
-    mask_CS = jnp.concatenate([causal, causal], axis=1)  # [h | segment]
-    read = jax.vmap(jax.vmap(mlp_apply, in_axes=(0, 1), out_axes=1))
-    chunk_step = jax.vmap(jax.vmap(memory_chunk, in_axes=(0, (1,) * 6), out_axes=(0, 1)))
+    mask_CS = jnp.concatenate([jnp.ones((size, prefix), bool), causal, causal], axis=1)
+    read = jax.vmap(jax.vmap(mlp_apply, in_axes=(0, 1), out_axes=1))  # over batch, heads
 
     def segment(carry, seg):
-      weights, surprise, tails = carry
+      state, tails = carry
       x_BCD, q_BCNH, pos_BC = seg
-      h_BCD = mem.output(read(weights, q_BCNH))
-      y_BCNH = self.attention.attend_context(
-        x_BCD,
-        jnp.concatenate([h_BCD, x_BCD], 1),
-        pos_BC,
-        jnp.concatenate([pos_BC, pos_BC], 1),
-        mask_CS,
+      h_BCD = mem.output(read(state[0], q_BCNH), x_BCD)
+      context_BSD, context_pos_BS = self.with_prefix(
+        jnp.concatenate([h_BCD, x_BCD], 1), jnp.concatenate([pos_BC, pos_BC], 1)
       )
-      y_BCD = self.attention.project(y_BCNH)
-      projected = {n: mem.project(y_BCD, n, tails[n]) for n in "qkv"}
-      chunk = tuple(projected[n][0] for n in "qkv") + mem.gates(y_BCD)
-      (weights, surprise), out_BCNH = chunk_step((weights, surprise), chunk)
-      tails = {n: projected[n][1] for n in "qkv"}
-      return (weights, surprise, tails), y_BCD + mem.output(out_BCNH)
+      y_BCD = self.attend(x_BCD, context_BSD, pos_BC, context_pos_BS, mask_CS)
+      state, tails, out_BCNH = mem.scan(state, y_BCD, tails)
+      return (state, tails), self.combine(y_BCD, mem.output(out_BCNH, y_BCD), x_BCD)
 
     def by_segment(a):
       return jnp.moveaxis(a.reshape(batch, length // size, size, *a.shape[2:]), 1, 0)
 
-    carry = (weights, [jnp.zeros_like(w) for w in weights], tails)
-    _, out = jax.lax.scan(segment, carry, tuple(map(by_segment, (x_BTD, q_BTNH, positions_BT))))
+    segments = tuple(map(by_segment, (x_BTD, q_BTNH, positions_BT)))
+    tails = {n: jnp.zeros((batch, CONV_WIDTH - 1, *q_BTNH.shape[2:]), mem.dtype) for n in "qkv"}
+    carry = (mem.initial_state(batch), tails)
+    _, out = jax.lax.scan(segment, carry, segments, unroll=self.unroll)
     return jnp.moveaxis(out, 0, 1).reshape(batch, length, dim)
