@@ -396,7 +396,11 @@ class Titans(nnx.Module):
       self.w_mix = param(rngs, (d, d), ("embed", None), spec.init_std, pdt)
       self.b_mix = nnx.Param(jnp.zeros((d,), pdt), logical_axes=(None,))
     elif self.variant in ("mag", "mac"):
+      # The output's weight starts at init_std, so a layer's update starts as small as a
+      # projection's: at 1 every layer adds ~0.5 RMS from the first step, and the tiny MAG /
+      # MAC configs trained 0.1 / 0.2 bits per byte worse in 150 steps.
       self.attention_norm = RMSNorm(d, spec.norm_eps, pdt)
+      self.attention_norm.scale[...] = jnp.full((d,), spec.init_std, pdt)
       self.memory_norm = RMSNorm(d, spec.norm_eps, pdt)
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
