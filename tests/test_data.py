@@ -31,6 +31,7 @@ def make_config(data_dir, batch_size=4, seq_len=32, seed=0, **data):
       tokenizer="byte",
       spm_model="",
       worker_count=0,
+      pretokenized=False,
     )
     | data
   )
