@@ -106,13 +106,14 @@ class Restored:
     return nnx.merge(self.run.graphdef, self.params)
 
 
-def restore(workdir: str) -> Restored:
-  """The latest checkpoint of a training workdir; a one-line error when there is none."""
+def restore(workdir: str, devices: Sequence[jax.Device] | None = None) -> Restored:
+  """The latest checkpoint of a training workdir on the config's mesh over `devices`
+  (default: all); a one-line error when there is none."""
   config = config_lib.from_json(os.path.join(workdir, "config.json"))
   checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoints):
-    raise ConfigError(f"no checkpoint in {checkpoints}: train first")
-  mesh = sharding.make_mesh(config.mesh)
+  if not os.path.isdir(checkpoints):  # do not let Orbax create it in someone's folder
+    raise ConfigError(f"no checkpoint in {checkpoints}: train this workdir first")
+  mesh = sharding.make_mesh(config.mesh, None if devices is None else list(devices))
   run = state.setup(config, mesh)
   ckpt = checkpoint.Checkpointer(checkpoints, config.train.keep_checkpoints)
   try:
@@ -120,7 +121,7 @@ def restore(workdir: str) -> Restored:
   finally:
     ckpt.close()
   if step is None:
-    raise ConfigError(f"no checkpoint in {checkpoints}: train first")
+    raise ConfigError(f"no checkpoint in {checkpoints}: train this workdir first")
   tokenizer = tokenizers.make_tokenizer(config.data)
   return Restored(config, step, run, restored["params"], tokenizer)
 

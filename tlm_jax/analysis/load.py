@@ -17,11 +17,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from matplotlib.figure import Figure
 
-from tlm_jax import checkpoint, sharding, state
-from tlm_jax import config as config_lib
+from tlm_jax import evaluate
 from tlm_jax.data import pipeline
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
@@ -49,21 +47,8 @@ class Run:
 def restore(workdir: str, devices: Sequence[jax.Device] | None = None) -> Run:
   """The latest checkpoint of a training workdir as a Decoder, laid out as in training on
   the config's mesh over `devices` (default: all), which must fit that mesh."""
-  config = config_lib.from_json(os.path.join(workdir, "config.json"))
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):  # do not let Orbax create it in someone's folder
-    raise ConfigError(f"no checkpoint in {directory}: train this workdir first")
-  run = state.setup(
-    config, sharding.make_mesh(config.mesh, None if devices is None else list(devices))
-  )
-  ckpt = checkpoint.Checkpointer(directory, config.train.keep_checkpoints)
-  try:
-    step, restored = ckpt.restore_latest(run.abstract_state)
-  finally:
-    ckpt.close()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {directory}: train this workdir first")
-  return Run(workdir, config, step, nnx.merge(run.graphdef, restored["params"]))
+  restored = evaluate.restore(workdir, devices)
+  return Run(workdir, restored.config, restored.step, restored.model)
 
 
 def validation_batches(
