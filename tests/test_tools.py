@@ -60,3 +60,21 @@ def test_bench_reports_tapered_and_uniform_in_one_run():
     assert row["compile_s"] > 0 and row["median_step_ms"] > 0 and row["peak_memory_gib"] > 0
   ratio = tapered["tokens_per_sec"] / uniform["tokens_per_sec"]
   assert report["tapered_over_uniform_tokens_per_sec"] == ratio
+
+
+def test_bench_data_reports_per_host_rates_streamed_and_pretokenized(tmp_path):
+  overrides = [
+    "--config",
+    "configs/demo.py",
+    f"--config.data.data_dir={tmp_path}",
+    "--config.train.batch_size=8",
+  ]
+  result, _ = run_module("tlm_jax.data.pretokenize", *overrides, "--splits", "train")
+  assert result.returncode == 0, result.stderr[-3000:]
+  result, out = run_module("tlm_jax.bench", *overrides, "--data", "--steps", "2", "--hosts", "1,4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out)
+  rates = report["tokens_per_sec_per_host"]
+  assert sorted(rates) == ["pretokenized", "streamed"]
+  for mode in rates.values():
+    assert sorted(mode) == ["1", "4"] and all(rate > 0 for rate in mode.values())

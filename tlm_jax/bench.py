@@ -9,6 +9,7 @@ ratios. Batches are random tokens (the data pipeline is not what is measured).
 
     python -m tlm_jax.bench --config C --loop [--steps 150]   # loop_over_step_tokens_per_sec
     python -m tlm_jax.bench --config C --compile_only         # compile_s, compile_ratio
+    python -m tlm_jax.bench --config C --data [--hosts 1,2,4]  # host tokens/s per process
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from tlm_jax import cli, metrics, sharding, state, taper
+from tlm_jax.data import pipeline, pretokenize
 
 
 def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
@@ -162,10 +164,47 @@ def loop(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   )
 
 
+def data_rate(config: ml_collections.ConfigDict, process_count: int, batches: int) -> float:
+  """Tokens/s one of `process_count` simulated hosts gets from the train pipeline (its rows
+  of each global batch): the median of five windows of `batches` batches after a warm-up
+  window (Grain reads ahead on threads, so a short window can time its buffer)."""
+  it = pipeline.make_iterator(config, "train", process_count=process_count)
+  rates = []
+  for _ in range(6):
+    start = time.perf_counter()
+    for _ in range(batches):
+      rows = next(it)["inputs"]
+    rates.append(batches * rows.size / (time.perf_counter() - start))
+  return statistics.median(rates[1:])
+
+
+def data(config: ml_collections.ConfigDict, hosts: Sequence[int], batches: int) -> dict[str, Any]:
+  """Per-host data throughput at each host count: streaming (every host tokenizes the whole
+  global batch) and, where `python -m tlm_jax.data.pretokenize` has built the config's
+  cache, pretokenized (each host reads its rows)."""
+  rates = {}
+  for pretokenized in (False, True):
+    cfg = config.copy_and_resolve_references()
+    cfg.data.pretokenized = pretokenized
+    built = os.path.exists(os.path.join(pretokenize.cache_dir(cfg), "train.json"))
+    if built or not pretokenized:
+      mode = "pretokenized" if pretokenized else "streamed"
+      rates[mode] = {str(p): data_rate(cfg, p, batches) for p in hosts}
+  return dict(
+    tokenizer=config.data.tokenizer,
+    batch_size=config.train.batch_size,
+    seq_len=config.train.seq_len,
+    worker_count=config.data.worker_count,
+    tokens_per_sec_per_host=rates,
+  )
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   if _LOOP.value:
     result = loop(_CONFIG.value, _STEPS.value)
+  elif _DATA.value:
+    result = data(_CONFIG.value, [int(h) for h in _HOSTS.value], _STEPS.value)
   elif _COMPILE_ONLY.value:
     result = compile_only(_CONFIG.value)
   else:
@@ -182,4 +221,6 @@ if __name__ == "__main__":
   _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile seconds against the uniform twin as one scan."
   )
+  _DATA = flags.DEFINE_bool("data", False, "Host tokens/s of the data pipeline per process.")
+  _HOSTS = flags.DEFINE_list("hosts", ["1", "2", "4"], "--data: simulated host counts.")
   cli.run(main)
