@@ -24,6 +24,7 @@ LAYERS = {
   "tlm_jax.xshape": PURE,
   "tlm_jax.model": PURE,  # the package docstring only
   "tlm_jax.model.costs": PURE,
+  "tlm_jax.model.splash": MODEL,
   "tlm_jax.sharding": RUNTIME,
   "tlm_jax.optim": RUNTIME,
   "tlm_jax.checkpoint": RUNTIME,

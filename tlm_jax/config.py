@@ -126,7 +126,7 @@ TITANS_MAG_COMBINES = ("gate", "mix")
 LAYERS_MODES = ("unrolled", "grouped")
 RESIDUAL_SCHEDULES = ("uniform", "xshape", "custom")
 REMATS = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 TAPER_SCHEDULES = ("uniform", "cosine", "linear", "sigmoid", "thirds", "stepped", "custom")
 SMOOTH_SCHEDULES = ("cosine", "linear", "sigmoid")  # what a `stepped` taper may approximate
@@ -164,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.init = "standard"  # standard | width_scaled
   m.dtype = "bfloat16"  # compute
   m.param_dtype = "float32"
-  m.attention_impl = "xla"  # or "cudnn" on NVIDIA GPUs
+  m.attention_impl = "xla"  # or "cudnn" on NVIDIA GPUs, "splash" (Pallas) on TPUs
   m.attention_window = 0  # > 0: sliding-window attention of that many tokens
   m.persistent_tokens = 0  # learned key/value slots every token attends to
   m.layers_mode = "unrolled"  # or "grouped"
@@ -652,6 +652,20 @@ class ModelSpec:
       _require(
         self.dtype != "float32",
         "model.attention_impl='cudnn' needs model.dtype bfloat16 or float16",
+      )
+    if self.attention_impl == "splash":
+      # The kernel takes causal / sliding-window masks only, and runs on TPUs (on the CPU
+      # only in interpret mode, tests/test_splash.py); attend_context's masks stay on XLA.
+      _require(
+        not self.persistent_tokens,
+        "model.attention_impl='splash' takes no model.persistent_tokens (the slots every "
+        "token sees are not a causal mask); set model.persistent_tokens=0 or use "
+        "attention_impl='xla'",
+      )
+      _require(
+        self.backbone != "titans",
+        "model.backbone='titans' takes no model.attention_impl='splash' (its prefix and "
+        "segment masks are not causal / sliding-window ones); use attention_impl='xla'",
       )
     self.titans.validate()
     self.hope.validate()
