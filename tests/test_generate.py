@@ -1,18 +1,36 @@
 """Generation: cached decoding equals a full forward pass per token, token for token, across
-sliding windows; ragged batches, seeded sampling, EOS and stop sequences; the CLI."""
+sliding windows, memory chunks and segments; the recurrent mixers' decode in pieces equals
+their __call__; ragged batches, seeded sampling, EOS and stop sequences; the CLI."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 import helpers
+from tlm_jax import config as config_lib
 from tlm_jax import evaluate, generate, state, train
+from tlm_jax.model import hope, titans
 
 PROMPTS = [[0, 5, 9, 200, 3, 7, 100, 20, 30, 40, 50], [0, 1, 2], [0, *range(60, 89)]]
 NEW = 40  # the longest row reaches 70 tokens: past the 16-token window four times
+# Memories of 3-token chunks (MAC: 6-token segments) after an 8-token prefill that crosses
+# chunk and segment boundaries and stops mid-chunk; 24 new tokens take the longest row to 54.
+# One layer keeps the two compiles per backbone short (the transformer tests chain layers).
+MEMORY_PROMPTS = [PROMPTS[0], PROMPTS[2], [0, 7, 7, 1, 4, 2, 9, 11, 5]]
+MEMORY_NEW = 24
+TITANS = dict(
+  num_layers=1, attention_window=8, persistent_tokens=2, titans=dict(chunk_size=3, segment_size=6)
+)
+HOPE = dict(
+  num_layers=1, attention_window=8, hope=dict(chunk_sizes=(3, 6, 0), inner_lrs=(0.1, 0.1, 0.0))
+)
 # Larger init than training's keeps random logits far from ties, so float noise cannot flip
 # an argmax; windows, GQA (tiny has 2 kv heads for 4 heads) and persistent slots are decoded.
 BACKBONES = {
@@ -21,14 +39,22 @@ BACKBONES = {
     "tlm_gated_attention",
     dict(attention_window=16, persistent_tokens=2, gate="headwise"),
   ),
+  "titans_mag": ("tlm_titans", TITANS),
+  "titans_mal": ("tlm_titans", dict(TITANS, titans=dict(TITANS["titans"], variant="mal"))),
+  "titans_mac": ("tlm_titans", dict(TITANS, titans=dict(TITANS["titans"], variant="mac"))),
+  "hope_attention": ("tlm_hope_attention", HOPE),
 }
 
 
-def build(backbone):
+def tiny_config(backbone):
   name, overrides = BACKBONES[backbone]
   config = helpers.load_config(name, "tiny")
   config.model.update(init_std=0.1, **overrides)
-  return state.build_model(config)
+  return config
+
+
+def build(backbone):
+  return state.build_model(tiny_config(backbone))
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +65,45 @@ def transformer():
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_cached_greedy_decoding_equals_full_reforward(backbone, transformer):
   model = transformer if backbone == "transformer" else build(backbone)
-  cached = generate.generate_tokens(model, PROMPTS, max_new_tokens=NEW, eos_id=-1, cached=True)
-  full = generate.generate_tokens(model, PROMPTS, max_new_tokens=NEW, eos_id=-1, cached=False)
-  assert [len(c) for c in cached] == [NEW] * 3
+  memory = backbone.startswith(("titans", "hope"))
+  prompts, new = (MEMORY_PROMPTS, MEMORY_NEW) if memory else (PROMPTS, NEW)
+  cached = generate.generate_tokens(model, prompts, max_new_tokens=new, eos_id=-1, cached=True)
+  full = generate.generate_tokens(model, prompts, max_new_tokens=new, eos_id=-1, cached=False)
+  assert [len(c) for c in cached] == [new] * 3
   assert cached == full
+
+
+def decode_in_pieces(module, x_BTD, *positions_BT):
+  """decode of x 5 tokens, then 1, 1, 1, then 5, 5, from a fresh cache (jitted: two compiles)."""
+  cache = module.init_cache(x_BTD.shape[0], x_BTD.shape[1])
+  decode = nnx.jit(lambda m, *args: m.decode(*args))
+  pieces, start = [], 0
+  for size in (5, 1, 1, 1, 5, 5):
+    piece = slice(start, start + size)
+    y_BTD, cache = decode(module, x_BTD[:, piece], *(p[:, piece] for p in positions_BT), cache)
+    pieces.append(y_BTD)
+    start += size
+  assert start == x_BTD.shape[1]
+  return jnp.concatenate(pieces, axis=1)
+
+
+@pytest.mark.parametrize("variant", ["mal", "mac"])
+def test_titans_decode_in_pieces_equals_call(variant):
+  spec = config_lib.model_spec(tiny_config(f"titans_{variant}"))
+  mixer = titans.Titans(spec, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 18, spec.d_model))
+  positions_BT = jnp.broadcast_to(jnp.arange(18), (2, 18))
+  want = mixer(x_BTD, positions_BT)
+  np.testing.assert_allclose(
+    decode_in_pieces(mixer, x_BTD, positions_BT), want, rtol=1e-4, atol=1e-5
+  )
+
+
+def test_cms_decode_in_pieces_equals_call():
+  spec = config_lib.model_spec(tiny_config("hope_attention"))
+  cms = hope.CMS(spec, 128, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 18, spec.d_model))
+  np.testing.assert_allclose(decode_in_pieces(cms, x_BTD), cms(x_BTD), rtol=1e-4, atol=1e-5)
 
 
 def test_ragged_batch_equals_one_prompt_at_a_time(transformer):

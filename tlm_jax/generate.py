@@ -14,9 +14,10 @@ after that each row reads its own prompt token while it has one and its
 sampled token after. No row is padded on the left, so positions and the
 recurrent memories (whose chunks count from the first token) are those of a
 single prompt. A row stops at EOS, after max_new_tokens, or once it ends with a
-stop sequence; the loop stops when every row has. Backbones without a cache
-(`BACKBONES[...].cached_decoding`) run a full forward pass per token instead,
-which is also the reference the cached path is tested against.
+stop sequence; the loop stops when every row has. Every backbone decodes with
+a cache (attention's keys and values, the recurrent memories' state);
+`cached=False` runs a full forward pass per token instead, the reference the
+cached path is tested against.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from tlm_jax import cli, evaluate
 from tlm_jax.data.tokenizers import Tokenizer
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
-from tlm_jax.model.backbones import BACKBONES
 
 Array = jax.Array
 _BUCKET = 64  # prefill and buffer lengths are rounded to multiples of this (above 64)
@@ -145,20 +145,17 @@ def generate_tokens(
   top_p: float = 1.0,
   seed: int = 0,
   stop: Sequence[Sequence[int]] = (),
-  cached: bool | None = None,
+  cached: bool = True,
 ) -> list[list[int]]:
   """New token ids per prompt (EOS dropped; a stop sequence that ended a row is kept).
 
-  cached=None uses the KV/recurrent cache where the backbone has one; False
-  re-runs the whole sequence every token (the slow reference).
+  cached=False re-runs the whole sequence every token (the slow reference).
   """
   prompts = [[int(t) for t in p] for p in prompts]
   if not prompts or min(map(len, prompts)) == 0:
     raise ConfigError("every prompt needs at least one token (start it with the EOS separator)")
   if max_new_tokens <= 0:
     return [[] for _ in prompts]
-  if cached is None:
-    cached = BACKBONES[model.spec.backbone].cached_decoding
   lengths = np.array([len(p) for p in prompts], np.int32)
   multiple = np.lcm(_BUCKET, lm.length_multiple(model.spec))
   total = int(-(-(lengths.max() + max_new_tokens) // multiple) * multiple)
@@ -183,7 +180,7 @@ def generate_tokens(
       jax.random.key(seed),
       graphdef=graphdef,
       prefill=_round_down(int(lengths.min())),
-      cached=bool(cached),
+      cached=cached,
     )
   )
   results = []
@@ -205,7 +202,7 @@ def generate(
   seed: int = 0,
   stop: Sequence[str] = (),
   max_len: int = 0,
-  cached: bool | None = None,
+  cached: bool = True,
 ) -> list[str]:
   """Completions of text prompts, each cut before its first stop string.
 

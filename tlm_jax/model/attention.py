@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tlm_jax.config import ModelSpec
+from tlm_jax.model import splash
 from tlm_jax.model.costs import gate_shape
 from tlm_jax.model.layers import output_std, param, rope
 
@@ -17,8 +18,10 @@ class Attention(nnx.Module):
   """q/k/v projections, RoPE, `jax.nn.dot_product_attention`, output projection.
 
   `spec.attention_impl` picks the kernel: "xla" runs everywhere, "cudnn" is the
-  fused flash kernel on NVIDIA GPUs (bf16/fp16 only). `spec.attention_window`
-  > 0 makes it sliding-window (each token sees that many, itself included);
+  fused flash kernel on NVIDIA GPUs (bf16/fp16 only), "splash" the Pallas one on
+  TPUs (model/splash.py; decoding and attend_context's masks stay on XLA).
+  `spec.attention_window` > 0 makes it sliding-window (each token sees that
+  many, itself included);
   `spec.persistent_tokens` > 0 adds learned key/value slots every token sees,
   with no position (Titans' persistent memory, as keys and values directly).
   """
@@ -37,7 +40,8 @@ class Attention(nnx.Module):
       self.persistent_v = param(rngs, shape, axes, std, pdt)
     self.dtype = jnp.dtype(spec.dtype)
     self.rope_theta = spec.rope_theta
-    self.implementation = None if spec.attention_impl == "xla" else spec.attention_impl
+    self.use_splash = spec.attention_impl == "splash"
+    self.implementation = "cudnn" if spec.attention_impl == "cudnn" else None
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
     return self.output(x_BTD, self.attend(x_BTD, positions_BT))
@@ -54,30 +58,47 @@ class Attention(nnx.Module):
     return dict(k_BSKH=zeros, v_BSKH=zeros, end=jnp.zeros((), jnp.int32))
 
   def decode(
-    self, x_BTD: Array, positions_BT: Array, cache: dict[str, Array]
+    self,
+    x_BTD: Array,
+    positions_BT: Array,
+    cache: dict[str, Array],
+    prefix_BPD: Array | None = None,
+    prefix_positions_BP: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """The next T tokens of a sequence whose earlier keys/values are cached: equals
-    __call__ on the whole sequence at these positions."""
-    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, x_BTD, positions_BT, positions_BT)
+    __call__ on the whole sequence at these positions. prefix: rows whose keys and values
+    every query sees (Titans' persistent tokens, as its attention's context)."""
+    prefix = 0 if prefix_BPD is None else prefix_BPD.shape[1]
+    context_BSD, context_positions_BS = x_BTD, positions_BT
+    if prefix:
+      context_BSD = jnp.concatenate([prefix_BPD.astype(x_BTD.dtype), x_BTD], axis=1)
+      context_positions_BS = jnp.concatenate([prefix_positions_BP, positions_BT], axis=1)
+    q_BTNH, k_BSKH, v_BSKH = self._qkv(x_BTD, context_BSD, positions_BT, context_positions_BS)
     end, length = cache["end"], x_BTD.shape[1]
     write = lambda slots, new: jax.lax.dynamic_update_slice(
-      slots, new.astype(slots.dtype), (0, end, 0, 0)
+      slots, new[:, prefix:].astype(slots.dtype), (0, end, 0, 0)
     )
-    k_BSKH, v_BSKH = write(cache["k_BSKH"], k_BTKH), write(cache["v_BSKH"], v_BTKH)
+    cache = dict(
+      k_BSKH=write(cache["k_BSKH"], k_BSKH), v_BSKH=write(cache["v_BSKH"], v_BSKH), end=end + length
+    )
     t = end + jnp.arange(length)[:, None]
-    s = jnp.arange(k_BSKH.shape[1])[None, :]
+    s = jnp.arange(cache["k_BSKH"].shape[1])[None, :]
     visible_TS = s <= t
     if self.window:
       visible_TS &= t - s < self.window
+    visible_TS = jnp.concatenate([jnp.ones((length, prefix), bool), visible_TS], axis=1)
+    k_BSKH = jnp.concatenate([k_BSKH[:, :prefix], cache["k_BSKH"]], axis=1)
+    v_BSKH = jnp.concatenate([v_BSKH[:, :prefix], cache["v_BSKH"]], axis=1)
     # Empty slots are masked out; an explicit mask is what the "xla" kernel takes everywhere.
     y_BTNH = self._dot(q_BTNH, k_BSKH, v_BSKH, visible_TS, implementation=None)
-    cache = dict(k_BSKH=k_BSKH, v_BSKH=v_BSKH, end=end + length)
     return self.output(x_BTD, y_BTNH), cache
 
   def attend(self, x_BTD: Array, positions_BT: Array) -> Array:
     """Per-head attention outputs (batch, time, heads, head_dim), before w_o."""
-    if not (self.window or self.persistent):
+    if not self.persistent and (self.use_splash or not self.window):
       q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, x_BTD, positions_BT, positions_BT)
+      if self.use_splash:
+        return splash.attention(q_BTNH, k_BTKH, v_BTKH, self.window)
       return jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=self.implementation
       )

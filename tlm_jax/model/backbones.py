@@ -3,7 +3,9 @@
 A block is x + mixer(norm(x)), then x + mlp(norm(x)); only the mixer and the
 MLP (the part the taper sizes) differ between backbones. Adding a backbone is
 one entry here, its cost functions in `costs.COSTS`, and its name in
-`config.BACKBONES` (where its config fields are validated).
+`config.BACKBONES` (where its config fields are validated). Every backbone
+decodes with a cache (generate.py): a new mixer implements `CachedMixer`, and
+an MLP with state across tokens `CachedMLP`.
 """
 
 from __future__ import annotations
@@ -68,18 +70,16 @@ class CachedMLP(MLP, Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """cached_decoding: the mixer (and a stateful MLP) implement the Cached protocols; where
-  False, generation falls back to a full forward pass per token."""
+  """Every mixer decodes with a cache (CachedMixer); so does an MLP that keeps state."""
 
-  mixer: type[Mixer]
+  mixer: type[CachedMixer]
   mlp: type[MLP]
   costs: costs.BackboneCosts
-  cached_decoding: bool
 
 
 BACKBONES = {
-  "transformer": Backbone(Attention, SwiGLU, costs.COSTS["transformer"], True),
-  "gated_attention": Backbone(GatedAttention, SwiGLU, costs.COSTS["gated_attention"], True),
-  "titans": Backbone(Titans, SwiGLU, costs.COSTS["titans"], False),
-  "hope_attention": Backbone(Attention, CMS, costs.COSTS["hope_attention"], False),
+  "transformer": Backbone(Attention, SwiGLU, costs.COSTS["transformer"]),
+  "gated_attention": Backbone(GatedAttention, SwiGLU, costs.COSTS["gated_attention"]),
+  "titans": Backbone(Titans, SwiGLU, costs.COSTS["titans"]),
+  "hope_attention": Backbone(Attention, CMS, costs.COSTS["hope_attention"]),
 }

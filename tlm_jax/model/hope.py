@@ -81,6 +81,19 @@ def trust_region(w: Array, step: Array, max_step: float) -> Array:
   return step * jnp.minimum(1.0, ratio)
 
 
+def level_step(
+  weights: Weights, u_CD: Array, v_CD: Array, inner_lr: float, max_step: float
+) -> tuple[Array, Weights]:
+  """One chunk through a level: its outputs with `weights` (float32, run in u's dtype), and
+  the weights after the chunk's inner step. The forward pass serves both (one vjp)."""
+  y_CD, pullback = jax.vjp(lambda w: swiglu(w, u_CD), tuple(w.astype(u_CD.dtype) for w in weights))
+  (grads,) = pullback((y_CD.astype(jnp.float32) - v_CD).astype(u_CD.dtype))
+  new = tuple(
+    w - trust_region(w, inner_lr * g.astype(jnp.float32), max_step) for w, g in zip(weights, grads)
+  )
+  return y_CD, new
+
+
 def in_context_level(
   weights0: Weights,
   w_value: Array,
@@ -94,22 +107,15 @@ def in_context_level(
 
   Computes in u_TD's dtype; weights0 are carried (and returned) in float32.
   Returns the level's outputs (T, D) and the weights used in each chunk
-  (stacked on a leading chunk axis), so tests can see when they change. The
-  chunk's forward pass serves both its outputs and the inner gradient (one
-  vjp), so each chunk costs one forward and one backward pass.
+  (stacked on a leading chunk axis), so tests can see when they change. Each
+  chunk costs one forward and one backward pass (`level_step`).
   """
-  dtype, chunks = u_TD.dtype, u_TD.shape[0] // chunk_size
+  chunks = u_TD.shape[0] // chunk_size
   weights0 = tuple(w.astype(jnp.float32) for w in weights0)
-  v_TD = (u_TD @ w_value.astype(dtype)).astype(jnp.float32)
+  v_TD = (u_TD @ w_value.astype(u_TD.dtype)).astype(jnp.float32)
 
   def step(weights, chunk):
-    u_CD, v_CD = chunk
-    y_CD, pullback = jax.vjp(lambda w: swiglu(w, u_CD), tuple(w.astype(dtype) for w in weights))
-    (grads,) = pullback((y_CD.astype(jnp.float32) - v_CD).astype(dtype))
-    new = tuple(
-      w - trust_region(w, inner_lr * g.astype(jnp.float32), max_step)
-      for w, g in zip(weights, grads)
-    )
+    y_CD, new = level_step(weights, *chunk, inner_lr, max_step)
     return new, (y_CD, weights)
 
   split = lambda a_TD: a_TD.reshape(chunks, chunk_size, -1)
@@ -141,6 +147,59 @@ class CMS(nnx.Module):
       )
       if self.chunk_sizes[level]:
         self.values.append(param(rngs, (d, d), ("embed", None), d**-0.5, pdt))
+
+  def init_cache(self, batch: int, length: int) -> list[dict]:
+    """Per in-context level: its current weights (float32, one copy per sequence), and its
+    current chunk's inputs so far (`n` of them)."""
+    del length
+    caches = []
+    for level, chunk in enumerate(self.chunk_sizes):
+      if chunk:
+        weights = tuple(
+          jnp.broadcast_to(w[...].astype(jnp.float32), (batch, *w.shape))
+          for w in self.levels[level]
+        )
+        u_BCD = jnp.zeros((batch, chunk, self.levels[level][0].shape[0]), self.dtype)
+        caches.append(dict(weights=weights, u_BCD=u_BCD, n=jnp.zeros((), jnp.int32)))
+    return caches
+
+  def decode(self, x_BTD: Array, cache: list[dict]) -> tuple[Array, list[dict]]:
+    """__call__ at the next T tokens of the sequence, a token at a time: a token's output
+    uses its level's current weights; the token that fills a chunk then takes the inner
+    step on it (`level_step`, as in training)."""
+    values = [v[...] for v in self.values]
+
+    def token(cache, x_BD):
+      u_BD = x_BD.astype(self.dtype)
+      out_BD, new, caches = jnp.zeros_like(u_BD), [], iter(zip(cache, values))
+      for level, chunk in enumerate(self.chunk_sizes):
+        if not chunk:
+          y_BD = swiglu(tuple(w[...].astype(self.dtype) for w in self.levels[level]), u_BD)
+        else:
+          level_cache, w_value_DD = next(caches)
+          y_BD, level_cache = self.level_token(level, u_BD, w_value_DD, level_cache)
+          new.append(level_cache)
+        u_BD, out_BD = u_BD + y_BD, out_BD + y_BD
+      return new, out_BD.astype(x_BD.dtype)
+
+    cache, out_TBD = jax.lax.scan(token, cache, jnp.moveaxis(x_BTD, 1, 0))
+    return jnp.moveaxis(out_TBD, 0, 1), cache
+
+  def level_token(
+    self, level: int, u_BD: Array, w_value_DD: Array, cache: dict
+  ) -> tuple[Array, dict]:
+    """One token through an in-context level: output and cache."""
+    weights, n, chunk = cache["weights"], cache["n"], self.chunk_sizes[level]
+    y_BD = jax.vmap(swiglu)(tuple(w.astype(self.dtype) for w in weights), u_BD)
+    u_BCD = jax.lax.dynamic_update_slice_in_dim(cache["u_BCD"], u_BD[:, None], n, axis=1)
+
+    def update(weights):
+      v_BCD = (u_BCD @ w_value_DD.astype(self.dtype)).astype(jnp.float32)
+      step = lambda w, u_CD, v_CD: level_step(w, u_CD, v_CD, self.inner_lrs[level], self.max_step)
+      return jax.vmap(step)(weights, u_BCD, v_BCD)[1]
+
+    weights = jax.lax.cond(n + 1 == chunk, update, lambda w: w, weights)
+    return y_BD, dict(weights=weights, u_BCD=u_BCD, n=(n + 1) % chunk)
 
   def __call__(self, x_BTD: Array) -> Array:
     """The CMS's contribution: sum of the levels' residual updates."""

@@ -207,6 +207,11 @@ def multihead_memory_scan(
   return jax.vmap(per_head)(state, q_BTNH, k_BTNH, v_BTNH, eta_BTN, theta_BTN, alpha_BTN)
 
 
+def multihead_read(weights: list[Array], q_BTNH: Array) -> Array:
+  """Reads M(q) without an update; weight leaves (B, N, in, out), reads (B, T, N, H)."""
+  return jax.vmap(jax.vmap(mlp_apply, in_axes=(0, 1), out_axes=1))(weights, q_BTNH)
+
+
 def causal_conv(x_BTNH: Array, kernel_WNH: Array) -> Array:
   """Depthwise causal convolution over time: y_t = sum_j kernel[j] * x_{t-j}."""
   width, length = kernel_WNH.shape[0], x_BTNH.shape[1]
@@ -333,6 +338,62 @@ class NeuralMemory(nnx.Module):
     gated_BTNH = (self.out_norm(y_BTNH) * jax.nn.silu(gate_BTNH)).astype(self.dtype)
     return jnp.einsum("btnh,nhd->btd", gated_BTNH, self.w_o[...].astype(self.dtype))
 
+  def init_cache(self, batch: int, prefix_BPD: Array | None = None) -> dict:
+    """The state where the sequence's first chunk starts (after the prefix tokens, run as
+    __call__ runs them), the conv tails, and an empty buffer for the current chunk's
+    (q, k, v, eta, theta, alpha) rows, `n` of them filled."""
+    heads, dim = self.w_q.shape[1:]
+    state = self.initial_state(batch)
+    tails = {name: jnp.zeros((batch, CONV_WIDTH - 1, heads, dim), self.dtype) for name in "qkv"}
+    if prefix_BPD is not None:
+      pad = -prefix_BPD.shape[1] % self.chunk_size
+      projected = {name: self.project(prefix_BPD, name) for name in "qkv"}
+      rows = tuple(projected[name][0] for name in "qkv") + self.gates(prefix_BPD)
+      padded = [left_pad(a, pad) for a in rows]
+      state, _ = multihead_memory_scan(state, *padded, **self.scan_options)
+      tails = {name: projected[name][1] for name in "qkv"}
+    rows_BCNH = jnp.zeros((batch, self.chunk_size, heads, dim), jnp.float32)
+    buffer = (rows_BCNH,) * 3 + (rows_BCNH[..., 0],) * 3
+    return dict(state=state, tails=tails, buffer=buffer, n=jnp.zeros((), jnp.int32))
+
+  def step(self, x_B1D: Array, cache: dict) -> tuple[Array, dict]:
+    """One token: its read (B, 1, N, H) before `output`, and the cache after it.
+
+    The token's row goes into the chunk buffer at n, and the chunk's closed form runs on
+    the buffer from the chunk's start state: row n's read depends on rows <= n only (the
+    decay and mix matrices are lower-triangular), so the stale rows after n, finite, do
+    not matter. The chunk's end state is kept once the token fills it.
+    """
+    projected = {name: self.project(x_B1D, name, cache["tails"][name]) for name in "qkv"}
+    rows = tuple(projected[name][0] for name in "qkv") + self.gates(x_B1D)
+    n = cache["n"]
+    buffer = tuple(
+      jax.lax.dynamic_update_slice_in_dim(b, r, n, axis=1) for b, r in zip(cache["buffer"], rows)
+    )
+    chunk = functools.partial(memory_chunk, max_grad_norm=self.max_grad_norm)
+    per_head = jax.vmap(chunk, in_axes=(0, 1), out_axes=(0, 1))
+    end_state, y_BCNH = jax.vmap(per_head)(cache["state"], buffer)
+    full = n + 1 == self.chunk_size
+    state = jax.tree.map(lambda new, old: jnp.where(full, new, old), end_state, cache["state"])
+    cache = dict(
+      state=state,
+      tails={name: projected[name][1] for name in "qkv"},
+      buffer=buffer,
+      n=jnp.where(full, 0, n + 1),
+    )
+    return jax.lax.dynamic_slice_in_dim(y_BCNH, n, 1, axis=1), cache
+
+  def decode(self, x_BTD: Array, cache: dict) -> tuple[Array, dict]:
+    """__call__'s outputs for the next T tokens of the sequence, a token at a time: a prefill
+    of T tokens costs T chunk closed forms."""
+
+    def token(cache, x_BD):
+      y_B1NH, cache = self.step(x_BD[:, None], cache)
+      return cache, y_B1NH[:, 0]
+
+    cache, y_TBNH = jax.lax.scan(token, cache, jnp.moveaxis(x_BTD, 1, 0))
+    return self.output(jnp.moveaxis(y_TBNH, 0, 1), x_BTD), cache
+
   def __call__(self, x_BSD: Array, prefix: int = 0) -> Array:
     """Outputs at every position of x = [prefix tokens | sequence], the memory learning from
     all of them in order; the sequence is whole chunks, the prefix any length.
@@ -374,6 +435,8 @@ class Titans(nnx.Module):
       the memory steps (chunks of titans.chunk_size) over y's keys and values, and
       out = y (x) memory read of y, combined as in mag.
   SWA: sliding-window attention of model.attention_window tokens (0: full causal).
+  Decoding (init_cache, decode) feeds the memory a token at a time through the same
+  chunk closed form, keeping the state at the last chunk boundary.
   """
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
@@ -419,17 +482,17 @@ class Titans(nnx.Module):
   def prefix_length(self) -> int:
     return 0 if self.persistent is None else self.persistent.shape[0]
 
+  def persistent_rows(self, batch: int, dtype: jnp.dtype) -> Array:
+    """The persistent tokens for each sequence, (B, P, D)."""
+    return jnp.broadcast_to(self.persistent[...].astype(dtype), (batch, *self.persistent.shape))
+
   def with_prefix(self, x_BTD: Array, positions_BT: Array) -> tuple[Array, Array]:
     """[persistent | x] and its positions, the persistent tokens just before x's first."""
     if self.persistent is None:
       return x_BTD, positions_BT
-    batch, prefix = x_BTD.shape[0], self.prefix_length
-    p_BPD = jnp.broadcast_to(
-      self.persistent[...].astype(x_BTD.dtype), (batch, *self.persistent.shape)
-    )
-    p_positions_BP = positions_BT[:, :1] + jnp.arange(-prefix, 0)
+    p_positions_BP = positions_BT[:, :1] + jnp.arange(-self.prefix_length, 0)
     return (
-      jnp.concatenate([p_BPD, x_BTD], axis=1),
+      jnp.concatenate([self.persistent_rows(x_BTD.shape[0], x_BTD.dtype), x_BTD], axis=1),
       jnp.concatenate([p_positions_BP, positions_BT], axis=1),
     )
 
@@ -448,6 +511,98 @@ class Titans(nnx.Module):
       return g_BTD * y_BTD + (1 - g_BTD) * m_BTD
     return self.attention_norm(y_BTD) * jax.nn.sigmoid(self.memory_norm(m_BTD))
 
+  def init_cache(self, batch: int, length: int) -> dict:
+    """mag, mal: the memory's cache (the persistent tokens already learned from), attention's
+    key/value slots for `length` tokens, and `prefix_BPD`, the rows every query attends to
+    (the persistent tokens; mal: the memory's outputs at them). Sequences start at 0."""
+    if self.variant == "mac":
+      return self.init_context_cache(batch)
+    cache = dict(attention=self.attention.init_cache(batch, length))
+    if self.persistent is None:
+      return dict(cache, memory=self.memory.init_cache(batch))
+    p_BPD = self.persistent_rows(batch, self.memory.dtype)
+    prefix_BPD = self.memory(p_BPD, self.prefix_length) if self.variant == "mal" else p_BPD
+    return dict(cache, memory=self.memory.init_cache(batch, p_BPD), prefix_BPD=prefix_BPD)
+
+  def decode(self, x_BTD: Array, positions_BT: Array, cache: dict) -> tuple[Array, dict]:
+    """__call__ at the next T tokens of the sequence. The memory goes a token at a time, so a
+    prefill costs a memory chunk's closed form per token."""
+    if self.variant == "mac":
+      return self.decode_as_context(x_BTD, positions_BT, cache)
+    new, prefix = dict(cache), {}
+    if "prefix_BPD" in cache:
+      positions_BP = jnp.broadcast_to(
+        jnp.arange(-self.prefix_length, 0), cache["prefix_BPD"].shape[:2]
+      )
+      prefix = dict(prefix_BPD=cache["prefix_BPD"], prefix_positions_BP=positions_BP)
+    if self.variant == "mal":
+      m_BTD, new["memory"] = self.memory.decode(x_BTD, cache["memory"])
+      y_BTD, new["attention"] = self.attention.decode(
+        m_BTD, positions_BT, cache["attention"], **prefix
+      )
+      return y_BTD, new
+    y_BTD, new["attention"] = self.attention.decode(
+      x_BTD, positions_BT, cache["attention"], **prefix
+    )
+    m_BTD, new["memory"] = self.memory.decode(x_BTD, cache["memory"])
+    return self.combine(y_BTD, m_BTD, x_BTD), new
+
+  def init_context_cache(self, batch: int) -> dict:
+    """mac: the q conv tail of x, the memory weights at the segment's start, the segment's h
+    and x rows so far (`i` of them), and the cache of the memory that steps over y."""
+    mem = self.memory
+    memory = mem.init_cache(batch)
+    rows_BCD = jnp.zeros((batch, self.segment_size, self.attention.w_q.shape[0]), mem.dtype)
+    return dict(
+      q_tail=memory["tails"]["q"],
+      start_weights=memory["state"][0],
+      h_BCD=rows_BCD,
+      x_BCD=rows_BCD,
+      i=jnp.zeros((), jnp.int32),
+      memory=memory,
+    )
+
+  def decode_as_context(self, x_BTD: Array, positions_BT: Array, cache: dict) -> tuple[Array, dict]:
+    """memory_as_context a token at a time: token t attends over [p | h | x] of its segment
+    so far (the buffer's later, stale rows masked out), then the memory steps over its y."""
+    mem, size, prefix = self.memory, self.segment_size, self.prefix_length
+
+    def token(cache, inputs):
+      x_BD, pos_B = inputs
+      x_B1D, pos_B1, i = x_BD[:, None], pos_B[:, None], cache["i"]
+      q_B1NH, q_tail = mem.project(x_B1D, "q", cache["q_tail"])
+      h_B1D = mem.output(multihead_read(cache["start_weights"], q_B1NH), x_B1D)
+      write = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(
+        rows, row.astype(rows.dtype), i, axis=1
+      )
+      h_BCD, seg_BCD = write(cache["h_BCD"], h_B1D), write(cache["x_BCD"], x_B1D)
+      pos_BC = pos_B1 - i + jnp.arange(size)
+      context_BSD, context_pos_BS = self.with_prefix(
+        jnp.concatenate([h_BCD, seg_BCD], 1), jnp.concatenate([pos_BC, pos_BC], 1)
+      )
+      seen_C = jnp.arange(size) <= i
+      mask_1S = jnp.concatenate([jnp.ones(prefix, bool), seen_C, seen_C])[None]
+      y_B1D = self.attend(x_B1D, context_BSD, pos_B1, context_pos_BS, mask_1S)
+      read_B1NH, memory = mem.step(y_B1D, cache["memory"])
+      out_B1D = self.combine(y_B1D, mem.output(read_B1NH, y_B1D), x_B1D)
+      end = i + 1 == size  # a segment ends on a chunk boundary: memory's state is committed
+      start_weights = jax.tree.map(
+        lambda new, old: jnp.where(end, new, old), memory["state"][0], cache["start_weights"]
+      )
+      cache = dict(
+        q_tail=q_tail,
+        start_weights=start_weights,
+        h_BCD=h_BCD,
+        x_BCD=seg_BCD,
+        i=jnp.where(end, 0, i + 1),
+        memory=memory,
+      )
+      return cache, out_B1D[:, 0]
+
+    inputs = (jnp.moveaxis(x_BTD, 1, 0), jnp.moveaxis(positions_BT, 1, 0))
+    cache, out_TBD = jax.lax.scan(token, cache, inputs)
+    return jnp.moveaxis(out_TBD, 0, 1), cache
+
   def memory_as_context(self, x_BTD: Array, positions_BT: Array) -> Array:
     mem, size, prefix = self.memory, self.segment_size, self.prefix_length
     batch, length, dim = x_BTD.shape
@@ -459,12 +614,11 @@ class Titans(nnx.Module):
     q_BTNH, _ = mem.project(x_BTD, "q")
     causal = jnp.tril(jnp.ones((size, size), bool))
     mask_CS = jnp.concatenate([jnp.ones((size, prefix), bool), causal, causal], axis=1)
-    read = jax.vmap(jax.vmap(mlp_apply, in_axes=(0, 1), out_axes=1))  # over batch, heads
 
     def segment(carry, seg):
       state, tails = carry
       x_BCD, q_BCNH, pos_BC = seg
-      h_BCD = mem.output(read(state[0], q_BCNH), x_BCD)
+      h_BCD = mem.output(multihead_read(state[0], q_BCNH), x_BCD)
       context_BSD, context_pos_BS = self.with_prefix(
         jnp.concatenate([h_BCD, x_BCD], 1), jnp.concatenate([pos_BC, pos_BC], 1)
       )
