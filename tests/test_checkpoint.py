@@ -103,3 +103,23 @@ def test_no_checkpoint_restores_nothing(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
   assert ckpt.restore_latest(abstract(make_state(0)), batches()) == (None, None)
   ckpt.close()
+
+
+def test_a_checkpoint_in_another_layout_is_converted_not_moved_aside(tmp_path):
+  """The caller holds `w` as two stacked halves; the checkpoints hold it whole."""
+  directory = str(tmp_path / "checkpoints")
+  states = save_two_steps(directory)
+
+  def halves(state):
+    return {"step": state["step"], "params": {"halves": state["params"]["w"].reshape(2, 32, 32)}}
+
+  def relayout(saved):
+    return (abstract(states[4]), halves) if "w" in saved["params"] else None
+
+  ckpt, it = checkpoint.Checkpointer(directory, keep=3), batches()
+  step, state = ckpt.restore_latest(abstract(halves(states[4])), it, relayout)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, state, halves(states[4]))
+  np.testing.assert_array_equal(next(it), [8, 9, 10, 11])
+  assert sorted(os.listdir(directory)) == ["2", "4"]
+  ckpt.close()

@@ -261,10 +261,11 @@ def test_unrolled_and_grouped_agree_in_logits_and_grads(case):
   np.testing.assert_allclose(eager_grouped, eager_unrolled, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(jit_unrolled, eager_unrolled, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(jit_grouped, jit_unrolled, atol=1e-5, rtol=1e-5)
+  per_layer = lm.unstack_layers(grads_grouped, model.groups)  # gradients of stacked params
   flat_u = dict(jax.tree_util.tree_flatten_with_path(grads_unrolled)[0])
-  flat_g = dict(jax.tree_util.tree_flatten_with_path(grads_grouped)[0])
+  flat_g = dict(jax.tree_util.tree_flatten_with_path(per_layer)[0])
   assert flat_u.keys() == flat_g.keys()
-  assert len(flat_u) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert len(flat_u) == len(jax.tree.leaves(lm.unstack_layers(nnx.state(model), model.groups)))
   for path, g in flat_u.items():
     assert np.any(np.asarray(g) != 0), f"no gradient for {jax.tree_util.keystr(path)}"
     np.testing.assert_allclose(
@@ -302,60 +303,50 @@ def test_set_layers_mode_rejects_unknown_mode():
 
 
 # ---------------------------------------------------------------------------
-# 4. A checkpoint of one mode loads into the other.
+# 4. The two modes' layouts: per-layer `blocks`, stacked `stacks`; one converts to the other.
 # ---------------------------------------------------------------------------
 
 
-def unrolled_and_grouped_models():
+def unrolled_and_grouped_models(seed_b: int = 0):
   cfg_a = stepped_config()
   cfg_b = stepped_config()
   cfg_b.model.layers_mode = "grouped"
-  a, b = state.build_model(cfg_a, seed=0), state.build_model(cfg_b, seed=1)
-  assert any(len(g) > 1 for g in b.groups)
+  a, b = state.build_model(cfg_a, seed=0), state.build_model(cfg_b, seed=seed_b)
+  assert b.groups == ((0, 1), (2, 3))
   return cfg_a, a, b
 
 
-def test_param_paths_are_identical_between_modes():
+def test_grouped_model_holds_each_group_stacked_with_the_unrolled_initial_values():
   _, a, b = unrolled_and_grouped_models()
-  paths_a = {path: leaf.shape for path, leaf in flat_params(a).items()}
-  paths_b = {path: leaf.shape for path, leaf in flat_params(b).items()}
-  assert paths_a == paths_b
-  assert (
-    nnx.to_pure_dict(nnx.state(a)).keys()
-    == nnx.to_pure_dict(nnx.state(b)).keys()
-    == {"embed", "blocks", "final_norm", "head"}
-  )
+  assert set(nnx.to_pure_dict(nnx.state(a))) == {"embed", "blocks", "final_norm", "head"}
+  assert set(nnx.to_pure_dict(nnx.state(b))) == {"embed", "stacks", "final_norm", "head"}
+  w_gate = b.stacks[1].mlp.w_gate
+  assert w_gate.shape == (2, *a.blocks[2].mlp.w_gate.shape)
+  assert w_gate.get_metadata()["logical_axes"] == ("layers", "embed", "mlp")
+  stacked = lm.stack_layers(nnx.state(a), b.groups)
+  assert jax.tree.structure(stacked) == jax.tree.structure(nnx.state(b))
+  jax.tree.map(np.testing.assert_array_equal, stacked, nnx.state(b))
+  with pytest.raises(ConfigError, match="set_layers_mode"):
+    b.blocks  # noqa: B018 (tools that read per-layer blocks get the fix)
 
 
-def test_state_of_unrolled_model_loads_into_grouped_model():
-  cfg, a, b = unrolled_and_grouped_models()
+def test_layouts_convert_both_ways_with_equal_outputs():
+  cfg, a, b = unrolled_and_grouped_models(seed_b=1)
   tokens = tokens_for(cfg)
   assert not np.allclose(b(tokens), a(tokens), atol=1e-3)  # different seeds differ
 
-  nnx.update(b, nnx.state(a))
-
-  assert b.groups != a.groups
+  nnx.update(b, lm.stack_layers(nnx.state(a), b.groups))
   np.testing.assert_allclose(b(tokens), a(tokens), atol=1e-5, rtol=1e-5)
-  for path, value in flat_params(a).items():
-    np.testing.assert_array_equal(flat_params(b)[path], value)
+  back = lm.unstack_layers(nnx.state(b), b.groups)
+  assert jax.tree.structure(back) == jax.tree.structure(nnx.state(a))
+  jax.tree.map(np.testing.assert_array_equal, back, nnx.state(a))
 
-
-def test_pure_dict_of_unrolled_model_loads_into_grouped_model():
-  cfg, a, b = unrolled_and_grouped_models()
-  tokens = tokens_for(cfg)
-  # A pure dict of host arrays, as a checkpoint would hold it.
-  pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(a)))
-  assert isinstance(pure["blocks"], dict) and sorted(pure["blocks"]) == [0, 1, 2, 3]
-
-  state_b = nnx.state(b)
-  nnx.replace_by_pure_dict(state_b, pure)
-  nnx.update(b, state_b)
-
-  np.testing.assert_allclose(b(tokens), a(tokens), atol=1e-5, rtol=1e-5)
-  # And back: the grouped model's state restores into a fresh unrolled one.
-  c = state.build_model(stepped_config(), seed=2)
-  nnx.update(c, nnx.state(b))
-  np.testing.assert_allclose(c(tokens), a(tokens), atol=1e-5, rtol=1e-5)
+  lm.set_layers_mode(b, "unrolled")  # in place, both ways
+  assert len(b.blocks) == 4 and "stacks" not in vars(b)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(b), nnx.state(a))
+  lm.set_layers_mode(a, "grouped")
+  assert a.stacks[0].mlp.w_up.shape[0] == 2 and "blocks" not in vars(a)
+  np.testing.assert_allclose(a(tokens), b(tokens), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -19,6 +20,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from tlm_jax.errors import ConfigError
+
+# Given a checkpoint's saved state tree (Orbax metadata, nested dicts): None when it restores
+# into the caller's abstract state as is, else the abstract state it restores into and the
+# function that turns the restored state into the caller's (a model's other layout).
+Relayout = Callable[[Any], tuple[Any, Callable[[Any], Any]] | None]
 
 
 def _brief(e: Exception, limit: int = 200) -> str:
@@ -41,7 +47,12 @@ class Checkpointer:
       )
     self.directory = directory
     self.manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+      directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      # Known up front, so a fresh manager can read a step's metadata before restoring.
+      item_handlers=dict(
+        state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()
+      ),
     )
 
   def latest_step(self) -> int | None:
@@ -56,16 +67,29 @@ class Checkpointer:
       ),
     )
 
-  def _restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
+  def _restore(
+    self, step: int, abstract_state: Any, data_iter: Any | None, relayout: Relayout | None
+  ) -> Any:
+    other = relayout(self.manager.item_metadata(step)["state"]) if relayout else None
+    if other is not None:
+      abstract_state, convert = other
     args = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    state = self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    return state if other is None else convert(state)
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
-    """The saved state laid out as `abstract_state` (its shardings: any mesh works)."""
+  def restore(
+    self,
+    step: int,
+    abstract_state: Any,
+    data_iter: Any | None = None,
+    relayout: Relayout | None = None,
+  ) -> Any:
+    """The saved state laid out as `abstract_state` (its shardings: any mesh works), through
+    `relayout` when the checkpoint's own layout may differ."""
     try:
-      return self._restore(step, abstract_state, data_iter)
+      return self._restore(step, abstract_state, data_iter, relayout)
     except Exception as e:  # tensorstore and Orbax raise many types for bad files
       raise ConfigError(
         f"checkpoint {step} in {self.directory} could not be read ({_brief(e)}); it does "
@@ -73,17 +97,18 @@ class Checkpointer:
       ) from e
 
   def restore_latest(
-    self, abstract_state: Any, data_iter: Any | None = None
+    self, abstract_state: Any, data_iter: Any | None = None, relayout: Relayout | None = None
   ) -> tuple[int | None, Any]:
     """(step, state) of the newest checkpoint that restores; (None, None) when there is none.
 
     Newer checkpoints that fail are moved aside only once an older one restores:
     when none does, the config (not the files) is the likely culprit, so all stay.
+    A checkpoint in another layout that `relayout` knows is converted, not a failure.
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state = self._restore(step, abstract_state, data_iter)
+        state = self._restore(step, abstract_state, data_iter, relayout)
       except Exception as e:  # tensorstore and Orbax raise many types for bad files
         failed.append((step, _brief(e)))
         continue

@@ -92,9 +92,11 @@ def evaluate(
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """A workdir's latest checkpoint on the mesh its config asks for (`mesh.*`)."""
+  """A workdir's latest checkpoint on the mesh its config asks for (`mesh.*`), with one block
+  per layer (model.layers_mode "unrolled") whatever the run used: the tools read
+  `model.blocks`."""
 
-  config: ml_collections.ConfigDict
+  config: ml_collections.ConfigDict  # the workdir's, with model.layers_mode="unrolled"
   step: int
   run: state.Setup
   params: Any  # nnx.State, sharded on run.mesh
@@ -110,6 +112,7 @@ def restore(workdir: str, devices: Sequence[jax.Device] | None = None) -> Restor
   """The latest checkpoint of a training workdir on the config's mesh over `devices`
   (default: all); a one-line error when there is none."""
   config = config_lib.from_json(os.path.join(workdir, "config.json"))
+  config.model.layers_mode = "unrolled"
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoints):  # do not let Orbax create it in someone's folder
     raise ConfigError(f"no checkpoint in {checkpoints}: train this workdir first")
@@ -117,7 +120,7 @@ def restore(workdir: str, devices: Sequence[jax.Device] | None = None) -> Restor
   run = state.setup(config, mesh)
   ckpt = checkpoint.Checkpointer(checkpoints, config.train.keep_checkpoints)
   try:
-    step, restored = ckpt.restore_latest(run.abstract_state)
+    step, restored = ckpt.restore_latest(run.abstract_state, relayout=state.relayout(config, run))
   finally:
     ckpt.close()
   if step is None:

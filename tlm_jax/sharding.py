@@ -30,6 +30,7 @@ RULES = {
   "kv_heads": "tensor",
   "head_dim": None,
   "norm": None,
+  "layers": None,  # the leading axis of a group of stacked layers (model/lm.py, grouped mode)
 }
 
 

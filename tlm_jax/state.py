@@ -9,7 +9,7 @@ fields by name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -120,6 +120,26 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     state_shardings=state_sh,
     batch_sharding=batch_sh,
   )
+
+
+def relayout(config: ml_collections.ConfigDict, run: Setup) -> Callable:
+  """checkpoint.Relayout for `run` (set up from `config`): a checkpoint saved in the other
+  model.layers_mode (its params hold `stacks`, not `blocks`, or the reverse) restores into
+  that mode's abstract state, then params and Adam's moments are restacked and placed on
+  `run`'s shardings. Train resume and evaluate.restore both go through here."""
+  groups = lm.layer_groups(list(zip(run.residual_widths, run.widths)), "grouped")
+  convert = lm.stack_layers if run.spec.layers_mode == "grouped" else lm.unstack_layers
+
+  def other_layout(saved: Mapping) -> tuple[Any, Callable] | None:
+    saved_mode = "grouped" if "stacks" in saved["params"] else "unrolled"
+    if saved_mode == run.spec.layers_mode:
+      return None
+    as_saved = config.copy_and_resolve_references()
+    as_saved.model.layers_mode = saved_mode
+    abstract = setup(as_saved, run.mesh).abstract_state
+    return abstract, lambda s: jax.device_put(convert(s, groups), run.state_shardings)
+
+  return other_layout
 
 
 def make_train_step(

@@ -92,7 +92,9 @@ def _train(
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
   stack.callback(ckpt.close)
   stack.callback(ckpt.wait)  # runs first: pending async saves finish before closing
-  start, train_state = ckpt.restore_latest(run.abstract_state, data_iter)
+  start, train_state = ckpt.restore_latest(
+    run.abstract_state, data_iter, state.relayout(config, run)
+  )
   if start is None:
     start, train_state = 0, run.init_fn()
   elif is_main:

@@ -1,18 +1,21 @@
 """The decoder: token embedding, one block per layer (each with its own MLP width), head.
 
-Layers are always stored one per slot (`blocks/0`, `blocks/1`, ...), whatever
-`layers_mode` says, so a checkpoint loads in either mode unchanged:
-- "unrolled": a Python loop over the blocks (fastest at run time on GPU,
-  compile time grows with depth);
-- "grouped": runs of consecutive blocks of equal shape are stacked at trace
-  time and run by one `lax.scan`, so compile time grows with the number of
-  distinct widths (a `stepped` taper gives K scans), not with depth.
+`layers_mode` picks how layers are held and run:
+- "unrolled": one block per layer (`blocks/0`, `blocks/1`, ...), run by a Python loop
+  (fastest at run time on GPU, compile time grows with depth);
+- "grouped": runs of consecutive layers of equal shape are held as one block whose params
+  carry a leading layer axis (`stacks/0`, ...; a run of one layer is a plain block) and run
+  by one `lax.scan` over them, so compile time grows with the number of distinct widths (a
+  `stepped` taper gives K scans), not with depth, and no step restacks params.
+Initial values do not depend on the mode; `stack_layers` / `unstack_layers` convert params
+(or any tree holding them, such as Adam's moments) between the two layouts, which is how a
+checkpoint of one mode resumes in the other (state.relayout).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -102,19 +105,116 @@ def write_width(stream_BTD: Array, x_BTD: Array) -> Array:
   return jnp.concatenate([x_BTD, stream_BTD[..., x_BTD.shape[-1] :]], axis=-1)
 
 
-def run_blocks(blocks: list[Block], x_BTD: Array, positions_BT: Array, remat: str) -> Array:
-  """One block as a call, or equal-shape blocks as one scan over params stacked on the fly."""
-  graphdef, _ = nnx.split(blocks[0])
+def run_blocks(block: Block, layers: int, x_BTD: Array, positions_BT: Array, remat: str) -> Array:
+  """A block as a call, or a stack of `layers` blocks (stack_blocks) as one scan over its
+  stored params."""
+  graphdef, state = nnx.split(block)
 
   def apply(x, state):
     return nnx.merge(graphdef, state)(x, positions_BT)
 
   if remat != "none":
     apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+  if layers == 1:
+    return apply(x_BTD, state)
+  return jax.lax.scan(lambda x, state: (apply(x, state), None), x_BTD, state)[0]
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _stack(variables: Sequence[nnx.Variable]) -> nnx.Variable:
+  """Equal-shape variables of consecutive layers as one, with a leading "layers" axis (mapped
+  to no mesh axis: each layer's own dims shard as before)."""
+  axes = variables[0].get_metadata()["logical_axes"]
+  value = jnp.stack([v[...] for v in variables])
+  return variables[0].replace(value, logical_axes=("layers", *axes))
+
+
+def _take(variable: nnx.Variable, layer: int) -> nnx.Variable:
+  """One layer of a stacked variable (_stack undone)."""
+  axes = variable.get_metadata()["logical_axes"][1:]
+  return variable.replace(variable[...][layer], logical_axes=axes)
+
+
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+  """Equal-shape blocks as one whose params carry a leading layer axis; one block as is."""
   if len(blocks) == 1:
-    return apply(x_BTD, nnx.state(blocks[0]))
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
-  return jax.lax.scan(lambda x, state: (apply(x, state), None), x_BTD, stacked)[0]
+    return blocks[0]
+  states = [nnx.state(b) for b in blocks]
+  stacked = jax.tree.map(lambda *vs: _stack(vs), *states, is_leaf=_is_variable)
+  return nnx.merge(nnx.graphdef(blocks[0]), stacked)
+
+
+def unstack_block(block: Block, layers: int) -> list[Block]:
+  """The `layers` per-layer blocks of a stack_blocks result."""
+  if layers == 1:
+    return [block]
+  graphdef, state = nnx.split(block)
+  return [
+    nnx.merge(graphdef, jax.tree.map(lambda v, l=l: _take(v, l), state, is_leaf=_is_variable))
+    for l in range(layers)
+  ]
+
+
+def _is_decoder_state(x: Any) -> bool:
+  return isinstance(x, nnx.State) and ("blocks" in x or "stacks" in x)
+
+
+def stack_layers(tree: Any, groups: Sequence[Sequence[int]]) -> Any:
+  """`tree` (a Decoder's state, or a tree holding such states: a train state with Adam's
+  moments) with each per-layer decoder state (`blocks`) in the grouped layout (`stacks`, one
+  entry per group of `layer_groups(..., "grouped")`)."""
+
+  def convert(state):
+    flat, layers = _split_layers(state, "blocks")
+    for k, group in enumerate(groups):
+      for rest in layers[group[0]]:
+        variables = [layers[l][rest] for l in group]
+        flat[("stacks", k, *rest)] = variables[0] if len(group) == 1 else _stack(variables)
+    return nnx.from_flat_state(flat)
+
+  return _map_decoder_states(convert, tree)
+
+
+def unstack_layers(tree: Any, groups: Sequence[Sequence[int]]) -> Any:
+  """stack_layers undone: each grouped decoder state in `tree` back to one entry per layer."""
+
+  def convert(state):
+    flat, stacks = _split_layers(state, "stacks")
+    for k, group in enumerate(groups):
+      for rest, variable in stacks[k].items():
+        for i, l in enumerate(group):
+          flat[("blocks", l, *rest)] = variable if len(group) == 1 else _take(variable, i)
+    return nnx.from_flat_state(flat)
+
+  return _map_decoder_states(convert, tree)
+
+
+def _map_decoder_states(convert: Callable[[nnx.State], nnx.State], tree: Any) -> Any:
+  """`tree` with `convert` applied to each decoder state in it; other leaves (steps, Adam's
+  count) as they are."""
+
+  def one(x):
+    return convert(x) if _is_decoder_state(x) else x
+
+  return jax.tree.map(one, tree, is_leaf=_is_decoder_state)
+
+
+def _split_layers(state: nnx.State, key: str) -> tuple[dict, dict[int, dict]]:
+  """A decoder state's variables outside `key` by path, and those under it by index, then
+  path within the entry."""
+  if key not in state:
+    other = "stacks" if key == "blocks" else "blocks"
+    raise ValueError(f"expected a decoder state holding {key!r}, got one holding {other!r}")
+  flat, entries = {}, {}
+  for path, variable in nnx.to_flat_state(state):
+    if path[0] == key:
+      entries.setdefault(path[1], {})[path[2:]] = variable
+    else:
+      flat[path] = variable
+  return flat, entries
 
 
 class Decoder(nnx.Module):
@@ -144,9 +244,12 @@ class Decoder(nnx.Module):
     first, last, v = residual[0], residual[-1], spec.vocab_size
     pdt = jnp.dtype(spec.param_dtype)
     self.embed = param(rngs, (v, first), ("vocab", "embed"), spec.init_std, pdt)
-    self.blocks = nnx.List(
-      [Block(xshape.layer_spec(spec, d), w, rngs=rngs) for d, w in zip(residual, widths)]
-    )
+    blocks = [Block(xshape.layer_spec(spec, d), w, rngs=rngs) for d, w in zip(residual, widths)]
+    self.groups = layer_groups(list(zip(residual, widths)), spec.layers_mode)
+    if spec.layers_mode == "grouped":
+      self.stacks = nnx.List([stack_blocks([blocks[l] for l in g]) for g in self.groups])
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(last, spec.norm_eps, pdt)
     self.head = (
       None
@@ -158,7 +261,17 @@ class Decoder(nnx.Module):
     self.widths = tuple(widths)
     self.residual_widths = residual
     self.spec = spec
-    self.groups = layer_groups(list(zip(residual, widths)), spec.layers_mode)
+
+  def __getattr__(self, name: str) -> Any:
+    """Only for attributes not found: tools that read `blocks` get the fix, not a bare
+    AttributeError, from a grouped decoder."""
+    if name == "blocks" and "stacks" in vars(self):
+      raise ConfigError(
+        "this decoder holds its layers stacked per group (model.layers_mode='grouped'), not "
+        "as per-layer `blocks`; lm.set_layers_mode(model, 'unrolled') converts it in place "
+        "(evaluate.restore always gives per-layer blocks)"
+      )
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
     """Float32 next-token logits (B, T, V)."""
@@ -172,19 +285,15 @@ class Decoder(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
     stream_BTD = x_BTD
-    for group in self.groups:
+    runs = self.stacks if "stacks" in vars(self) else self.blocks
+    for group, block in zip(self.groups, runs):
       x_BTD = read_width(stream_BTD, self.residual_widths[group[0]])
-      x_BTD = run_blocks([self.blocks[l] for l in group], x_BTD, positions_BT, self.remat)
+      x_BTD = run_blocks(block, len(group), x_BTD, positions_BT, self.remat)
       stream_BTD = write_width(stream_BTD, x_BTD)
     return self.final_norm(read_width(stream_BTD, self.residual_widths[-1]))
 
   def init_cache(self, batch: int, length: int) -> list[dict[str, Any]]:
     """Per-layer decoding caches for `batch` sequences of up to `length` tokens."""
-    if not BACKBONES[self.spec.backbone].cached_decoding:
-      raise ConfigError(
-        f"model.backbone={self.spec.backbone!r} has no cached decoding yet; decode with "
-        "full forward passes instead (generate.generate(..., cached=False))"
-      )
     return [block.init_cache(batch, length) for block in self.blocks]
 
   def decode(
@@ -192,7 +301,7 @@ class Decoder(nnx.Module):
   ) -> tuple[Array, list[dict[str, Any]]]:
     """Logits of the next T tokens of sequences whose earlier tokens are in `cache` (prefill,
     then one token a step): equal to __call__ on the whole sequences at these positions.
-    Blocks run one by one whatever layers_mode says (each layer has its own cache)."""
+    Blocks run one by one (each layer has its own cache): the per-layer layout only."""
     stream_BTD, new = self.embed_tokens(tokens_BT), []
     for block, width, block_cache in zip(self.blocks, self.residual_widths, cache):
       x_BTD, block_cache = block.decode(read_width(stream_BTD, width), positions_BT, block_cache)
@@ -220,10 +329,21 @@ def length_multiple(spec: ModelSpec) -> int:
 
 
 def set_layers_mode(model: Decoder, layers_mode: str) -> None:
-  """Switch unrolled <-> grouped in place; the params are shared, nothing moves."""
+  """Switch unrolled <-> grouped in place: the layers' params are stacked or unstacked (new
+  arrays, same values)."""
   if layers_mode not in LAYERS_MODES:
     raise ConfigError(f"model.layers_mode={layers_mode!r} is unknown; use one of {LAYERS_MODES}")
-  model.groups = layer_groups(list(zip(model.residual_widths, model.widths)), layers_mode)
+  shapes = list(zip(model.residual_widths, model.widths))
+  grouped = layer_groups(shapes, "grouped")
+  if layers_mode == "grouped" and "blocks" in vars(model):
+    model.stacks = nnx.List([stack_blocks([model.blocks[l] for l in g]) for g in grouped])
+    del model.blocks
+  elif layers_mode == "unrolled" and "stacks" in vars(model):
+    model.blocks = nnx.List(
+      [b for stack, g in zip(model.stacks, grouped) for b in unstack_block(stack, len(g))]
+    )
+    del model.stacks
+  model.groups = layer_groups(shapes, layers_mode)
 
 
 def param_count(model: nnx.Module) -> int:
