@@ -24,9 +24,6 @@ Before and after, on the held-out samples:
   block: the participation ratio (sum l)^2 / sum l^2 of its covariance
   eigenvalues l. Where it grows in the adapted layers is the "terminal
   expansion".
-
-Generation re-runs the full forward pass per token (short prompts, few new
-tokens); it should move to tlm_jax.generate's cached decoding.
 """
 
 from __future__ import annotations
@@ -44,7 +41,7 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from tlm_jax import cli
+from tlm_jax import cli, generate
 from tlm_jax.analysis import blocks, load, lora
 from tlm_jax.data import tokenizers
 from tlm_jax.errors import ConfigError
@@ -56,27 +53,6 @@ def entropy(logits_NV: jax.Array, temperature: jax.Array | float = 1.0) -> jax.A
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def sample_loop(
-  model: lm.Decoder, buffer_NS: jax.Array, start: jax.Array, stop: jax.Array, temperature, key
-) -> jax.Array:
-  """Fill buffer positions [start, stop) with tokens sampled at `temperature` (0: greedy).
-
-  Each token re-runs the forward pass over the whole fixed-size buffer (causal,
-  so what follows the current position changes nothing): every argument is
-  traced, so one compiled program serves every prompt length and temperature.
-  """
-
-  def body(t, carry):
-    buffer, key = carry
-    key, sub = jax.random.split(key)
-    logits_NV = jax.lax.dynamic_index_in_dim(model(buffer), t - 1, axis=1, keepdims=False)
-    sampled = jax.random.categorical(sub, logits_NV / jnp.where(temperature > 0, temperature, 1))
-    token_N = jnp.where(temperature > 0, sampled, jnp.argmax(logits_NV, axis=-1))
-    return jax.lax.dynamic_update_index_in_dim(buffer, token_N.astype(buffer.dtype), t, 1), key
-
-  return jax.lax.fori_loop(start, stop, body, (buffer_NS, key))[0]
-
-
 def sample(
   model: lm.Decoder,
   prompts_NP: np.ndarray,
@@ -85,17 +61,26 @@ def sample(
   temperature: float,
   seed: int,
 ) -> np.ndarray:
-  """(N, length): the prompts, their continuations and zeros after them (one shape for
-  every call, so teacher forcing on the result reuses the compiled forward pass)."""
+  """(N, length): the prompts, their continuations (tlm_jax.generate, temperature 0 greedy)
+  and zeros after them (one shape for every call, so teacher forcing on the result reuses
+  the compiled forward pass)."""
   n, p = prompts_NP.shape
   if p + new_tokens > length:
     raise ConfigError(
       f"--prompt_tokens={p} + --new_tokens={new_tokens} exceed the window of {length} tokens"
     )
+  new = generate.generate_tokens(
+    model,
+    prompts_NP.tolist(),
+    max_new_tokens=new_tokens,
+    eos_id=-1,  # no id is -1: every row gets new_tokens
+    temperature=temperature,
+    seed=seed,
+  )
   buffer = np.zeros((n, length), np.int32)
   buffer[:, :p] = prompts_NP
-  args = np.int32(p), np.int32(p + new_tokens), np.float32(temperature), jax.random.key(seed)
-  return np.asarray(blocks.jit_method(model, sample_loop)(buffer, *args))
+  buffer[:, p : p + new_tokens] = new
+  return buffer
 
 
 def repetition(sequence: Sequence[int], n: int) -> float:
