@@ -42,3 +42,8 @@ def xla_flops_per_token(config) -> float:
   and chunk scans unrolled), counted on the lowered program: within ~1.5% of the compiled
   one's count on the tiny configs, without minutes of CPU compiles."""
   return metrics.xla_flops_per_token(config, compiled=False)
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """Training loss by step from a workdir's metrics.jsonl (evaluation rows left out)."""
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "split" not in r}

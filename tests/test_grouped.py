@@ -41,10 +41,6 @@ def small_config(data_dir, layers_mode: str, steps: int = STEPS):
   return config
 
 
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "split" not in r}
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("data")
@@ -102,7 +98,7 @@ def test_grouped_checkpoint_resumes_unrolled_and_back(tmp_path, capsys, data_dir
   shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # resume from the grouped step 3
   train.train(small_config(data_dir, "unrolled"), str(workdir))
   assert "resuming from step 3" in capsys.readouterr().out
-  want, got = train_losses(grouped_run), train_losses(workdir)
+  want, got = helpers.train_losses(grouped_run), helpers.train_losses(workdir)
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
   assert not os.path.exists(str(workdir / "checkpoints") + ".damaged")  # not taken for damage
@@ -112,7 +108,7 @@ def test_grouped_checkpoint_resumes_unrolled_and_back(tmp_path, capsys, data_dir
   shutil.copytree(grouped_run, reference)
   for run_dir in (workdir, reference):
     train.train(small_config(data_dir, "grouped", steps=STEPS + 2), str(run_dir))
-  want, got = train_losses(reference), train_losses(workdir)
+  want, got = helpers.train_losses(reference), helpers.train_losses(workdir)
   np.testing.assert_allclose([got[s] for s in (7, 8)], [want[s] for s in (7, 8)], rtol=1e-5)
 
 

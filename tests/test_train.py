@@ -71,10 +71,6 @@ def run_train(workdir, data_dir, **overrides):
   )
 
 
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "split" not in r}
-
-
 def restore_params(workdir, config, mesh):
   abstract = state.setup(config, mesh).abstract_state
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 3)
@@ -151,7 +147,7 @@ def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, data_dir, uni
     text=True,
   )
   deadline = time.time() + 300
-  while not (workdir / "metrics.jsonl").exists() or len(train_losses(workdir)) < 3:
+  while not (workdir / "metrics.jsonl").exists() or len(helpers.train_losses(workdir)) < 3:
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
@@ -164,7 +160,7 @@ def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, data_dir, uni
   resumed = run_train(workdir, data_dir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resuming from step {stopped}" in resumed.stdout
-  want, got = train_losses(uninterrupted), train_losses(workdir)
+  want, got = helpers.train_losses(uninterrupted), helpers.train_losses(workdir)
   assert got[STEPS] == want[STEPS]
   assert all(got[s] == want[s] for s in range(stopped + 1, STEPS + 1))
 
@@ -191,14 +187,14 @@ def test_raising_steps_continues_a_finished_run(tmp_path, data_dir, uninterrupte
   shutil.copytree(uninterrupted, workdir)
   result = run_train(workdir, data_dir, **{"train.steps": STEPS + 4})
   assert result.returncode == 0, result.stderr[-3000:]
-  assert max(train_losses(workdir)) == STEPS + 4
+  assert max(helpers.train_losses(workdir)) == STEPS + 4
 
 
 def test_two_processes_match_one(tmp_path, data_dir, uninterrupted):
   workdir = tmp_path / "two"
   code = local.launch(2, 4, train_args(workdir, data_dir))
   assert code == 0, (workdir / "process_1.log").read_text()[-3000:]
-  want, got = train_losses(uninterrupted), train_losses(workdir)
+  want, got = helpers.train_losses(uninterrupted), helpers.train_losses(workdir)
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose(
     [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-4
@@ -299,7 +295,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one(
   assert f"warning: checkpoint {STEPS} in" in result.stderr
   assert "resuming from step 12" in result.stdout
   assert (workdir / "checkpoints.damaged" / str(STEPS)).is_dir()  # kept, not deleted
-  want, got = train_losses(uninterrupted), train_losses(workdir)
+  want, got = helpers.train_losses(uninterrupted), helpers.train_losses(workdir)
   assert got[STEPS] == want[STEPS]
 
 
@@ -340,7 +336,7 @@ def test_prefetching_changes_no_numbers(tmp_path, data_dir, uninterrupted):
   workdir = tmp_path / "no_prefetch"
   result = run_train(workdir, data_dir, **{"train.prefetch": 0})
   assert result.returncode == 0, result.stderr[-3000:]
-  assert train_losses(workdir) == train_losses(uninterrupted)
+  assert helpers.train_losses(workdir) == helpers.train_losses(uninterrupted)
   config = load_demo_config(data_dir)
   mesh = sharding.make_mesh(config.mesh)
   a, b = restore_params(uninterrupted, config, mesh), restore_params(workdir, config, mesh)
