@@ -4,9 +4,9 @@
 SCALE: tiny | 124m | 440m | 760m | 1.3b (default 760m). TAPER, RECIPE as in tlm_transformer.py.
 """
 
-from tlm_jax import config as config_lib
+from tlm_jax import presets
 
 
 def get_config(arg=None):
-  scale, taper, recipe = config_lib.parse_arg(arg, default_scale="760m")
-  return config_lib.experiment(scale, taper, backbone="gated_attention", recipe=recipe)
+  scale, taper, recipe = presets.parse_arg(arg, default_scale="760m")
+  return presets.experiment(scale, taper, backbone="gated_attention", recipe=recipe)

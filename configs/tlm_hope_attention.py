@@ -8,12 +8,12 @@ the level tile, the slow level the rest (tlm_jax/model/hope.py). The sequence
 length must be a multiple of every non-zero chunk size.
 """
 
-from tlm_jax import config as config_lib
+from tlm_jax import presets
 
 
 def get_config(arg=None):
-  scale, taper, recipe = config_lib.parse_arg(arg, default_scale="760m")
-  config = config_lib.experiment(scale, taper, backbone="hope_attention", recipe=recipe)
+  scale, taper, recipe = presets.parse_arg(arg, default_scale="760m")
+  config = presets.experiment(scale, taper, backbone="hope_attention", recipe=recipe)
   m = config.model
   m.hope.level_tile = m.taper.tile
   if scale == "tiny":  # short chunks for short CPU sequences

@@ -7,12 +7,12 @@ model.titans.segment_size). model.persistent_tokens learned tokens are
 prepended to every sequence (mac: to every segment's attention context).
 """
 
-from tlm_jax import config as config_lib
+from tlm_jax import presets
 
 
 def get_config(arg=None):
-  scale, taper, recipe = config_lib.parse_arg(arg, default_scale="760m")
-  config = config_lib.experiment(scale, taper, backbone="titans", recipe=recipe)
+  scale, taper, recipe = presets.parse_arg(arg, default_scale="760m")
+  config = presets.experiment(scale, taper, backbone="titans", recipe=recipe)
   m, tiny = config.model, scale == "tiny"
   m.attention_window = 16 if tiny else 512
   m.persistent_tokens = 4 if tiny else 16

@@ -8,9 +8,9 @@ RECIPE: default | paper (4K context, 0.5M-token batches, AdamW 4e-4 cosine, wd 0
         a 32K SentencePiece tokenizer given as data.spm_model; 124m and up).
 """
 
-from tlm_jax import config as config_lib
+from tlm_jax import presets
 
 
 def get_config(arg=None):
-  scale, taper, recipe = config_lib.parse_arg(arg, default_scale="124m")
-  return config_lib.experiment(scale, taper, backbone="transformer", recipe=recipe)
+  scale, taper, recipe = presets.parse_arg(arg, default_scale="124m")
+  return presets.experiment(scale, taper, backbone="transformer", recipe=recipe)

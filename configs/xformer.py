@@ -7,14 +7,14 @@ SCALE: tiny | 124m | 440m | 760m | 1.3b (default 124m). TAPER defaults to unifor
 X shape alone); `,cosine` adds the MLP taper too, the combination neither paper ran.
 """
 
-from tlm_jax import config as config_lib
+from tlm_jax import presets
 
 
 def get_config(arg=None):
-  scale, taper, recipe = config_lib.parse_arg(arg, default_scale="124m")
+  scale, taper, recipe = presets.parse_arg(arg, default_scale="124m")
   if "," not in (arg or ""):
     taper = "uniform"
-  config = config_lib.experiment(scale, taper, backbone="transformer", recipe=recipe)
+  config = presets.experiment(scale, taper, backbone="transformer", recipe=recipe)
   config.model.residual.schedule = "xshape"
   if scale == "tiny":  # 16-wide steps: four whole heads of 16 (one kv head each)
     config.model.num_kv_heads = config.model.num_heads

@@ -24,13 +24,13 @@ import pathlib
 import sys
 import time
 
-from tlm_jax import aot
+from tlm_jax import aot, presets
 from tlm_jax import config as config_lib
 from tlm_jax.errors import ConfigError
+from tlm_jax.model import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
-SCALES = ("124m", "440m", "760m", "1.3b")
+SCALES = tuple(s for s in presets.SCALES if s != "tiny")  # the paper's
 TOPOLOGIES = ("v5e:2x4", "v5p:2x2x1")
 # (mesh, remat) in order of cost: plain data parallelism, then FSDP, then rematerialisation.
 PLANS = (
@@ -116,7 +116,7 @@ def write_table(path: pathlib.Path, table: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
-  parser.add_argument("--backbones", default=",".join(BACKBONES))
+  parser.add_argument("--backbones", default=",".join(registry.BACKBONES))
   parser.add_argument("--scales", default=",".join(SCALES))
   parser.add_argument("--results", default="fit_table.jsonl", help="JSON lines, one per row")
   parser.add_argument("--write", default=None, help="a markdown file to put the table in")

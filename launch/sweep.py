@@ -11,7 +11,7 @@ A grid axis is one of
   KEY=V1,V2,...         a config key as after --config. (values as on the command line;
                         commas inside (...) or [...] do not split);
   K1,K2=(A1,A2),(B1,B2) linked keys that change together (e.g. taper start and end);
-  taper=NAME,...        a taper preset of tlm_jax.config.TAPERS (uniform, cosine, reverse,
+  taper=NAME,...        a taper preset of tlm_jax.presets.TAPERS (uniform, cosine, reverse,
                         linear, sigmoid, early, middle, late, stepped);
   config=FILE[:ARG],... the config file of each run (instead of --config).
 The runs are the cross product of the axes; each goes to ROOT/NAME, NAME being its grid
@@ -49,17 +49,16 @@ from absl import flags
 from ml_collections import config_flags
 
 from tlm_jax import config as config_lib
-from tlm_jax import taper
+from tlm_jax import presets, taper
 from tlm_jax.errors import ConfigError
+from tlm_jax.model import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The paper's five ratio pairs are unpublished. Ours: three that meet the budget exactly
 # (start + end = 2) at growing strength, and two that model.taper.renormalize (scale)
 # brings back to it (2.0/0.5 -> 1.6/0.4, 1.5/1.0 -> 1.2/0.8).
 RATIO_PAIRS = "(1.25,0.75),(1.5,0.5),(1.75,0.25),(2.0,0.5),(1.5,1.0)"
-BACKBONE_CONFIGS = ",".join(
-  f"configs/tlm_{b}.py:760m" for b in ("transformer", "gated_attention", "titans", "hope_attention")
-)
+BACKBONE_CONFIGS = ",".join(f"configs/tlm_{b}.py:760m" for b in registry.BACKBONES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +152,10 @@ def parse_axis(text: str) -> list[dict[str, str]]:
         )
       options.append(dict(zip(keys, items)))
   if "taper" in keys:
-    unknown = [o["taper"] for o in options if o["taper"] not in config_lib.TAPERS]
+    unknown = [o["taper"] for o in options if o["taper"] not in presets.TAPERS]
     if len(keys) > 1 or unknown:
       raise ConfigError(
-        f"--grid {text!r}: taper takes preset names alone, one of {list(config_lib.TAPERS)}"
+        f"--grid {text!r}: taper takes preset names alone, one of {list(presets.TAPERS)}"
       )
   if "config" in keys and len(keys) > 1:
     raise ConfigError(f"--grid {text!r}: config cannot be linked with other keys")
@@ -169,7 +168,7 @@ def axis_keys(text: str) -> tuple[str, ...]:
 
 def taper_overrides(name: str) -> dict[str, str]:
   """A taper preset as the model.taper fields it sets."""
-  return {f"model.taper.{k}": str(v) for k, v in config_lib.TAPERS[name].items()}
+  return {f"model.taper.{k}": str(v) for k, v in presets.TAPERS[name].items()}
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ from tlm_jax import state, taper, train
 from tlm_jax.config import model_spec
 from tlm_jax.data import pipeline
 from tlm_jax.metrics import read_metrics
-from tlm_jax.model import costs, lm
+from tlm_jax.model import budget, lm
 
 BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
 
@@ -93,7 +93,8 @@ def test_tapered_and_uniform_twins_have_identical_parameter_counts(backbone, arg
   cfg = load(backbone, arg)
   count = lambda c: lm.param_count(nnx.eval_shape(lambda: state.build_model(c)))
   tapered, uniform = count(cfg), count(taper.uniform_twin(cfg))
-  assert tapered == uniform == costs.total_params(model_spec(cfg), taper.widths_from_config(cfg))
+  residual, widths = taper.plan(model_spec(cfg))
+  assert tapered == uniform == budget.total_params(model_spec(cfg), widths, residual)
   report = taper.parity_report(cfg)
   assert report["param_difference"] == 0
   assert report["flops_per_token"] == report["uniform_flops_per_token"]
@@ -144,7 +145,8 @@ def test_titans_variants_build_and_cost_what_they_hold(variant):
   cfg = load("titans")
   cfg.model.titans.variant = variant
   model = state.build_model(cfg)
-  assert lm.param_count(model) == costs.total_params(model_spec(cfg), list(model.widths))
+  counted = budget.total_params(model_spec(cfg), model.widths, model.residual_widths)
+  assert lm.param_count(model) == counted
   assert jnp.all(jnp.isfinite(model(tokens(1, 32))))
 
 

@@ -16,7 +16,7 @@ import pytest
 import helpers
 from tlm_jax import config as config_lib
 from tlm_jax import taper
-from tlm_jax.model import costs
+from tlm_jax.model import budget, costs
 
 CASES = {
   "transformer": ("tlm_transformer", {}),
@@ -35,7 +35,8 @@ def counted(request):
     cfg.model.update(model_fields)
     cfg.train.batch_size = 4
     spec, seq_len = config_lib.model_spec(cfg), cfg.train.seq_len
-    analytic = costs.flops_per_token(spec, taper.widths_from_config(cfg), seq_len)
+    residual, widths = taper.plan(spec)
+    analytic = budget.flops_per_token(spec, widths, residual, seq_len)
     masked = spec.num_layers * costs.masked_attention_flops(spec, seq_len)
     out[arg] = analytic + masked, helpers.xla_flops_per_token(cfg)
   return out

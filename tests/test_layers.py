@@ -19,11 +19,15 @@ LAYERS = {
   "tlm_jax": PURE,
   "tlm_jax.errors": PURE,
   "tlm_jax.config": PURE,
+  "tlm_jax.spec": PURE,
+  "tlm_jax.presets": PURE,
   "tlm_jax.cli": PURE,
   "tlm_jax.taper": PURE,
   "tlm_jax.xshape": PURE,
   "tlm_jax.model": PURE,  # the package docstring only
   "tlm_jax.model.costs": PURE,
+  "tlm_jax.model.registry": PURE,
+  "tlm_jax.model.budget": PURE,
   "tlm_jax.model.splash": MODEL,
   "tlm_jax.sharding": RUNTIME,
   "tlm_jax.optim": RUNTIME,
@@ -133,10 +137,10 @@ def test_tools_do_not_import_the_trainer():
 def test_widths_params_and_flops_of_every_shipped_config_need_no_jax():
   script = """
 import json, pathlib, sys
-from tlm_jax import config, taper
+from tlm_jax import config, presets, taper
 rows = {}
 for path in sorted(pathlib.Path("configs").glob("*.py")):
-  scales = [f"{s},{t}" for s in ("tiny", "124m") for t in config.TAPERS]
+  scales = [f"{s},{t}" for s in ("tiny", "124m") for t in presets.TAPERS]
   args = [None] if path.stem == "demo" else scales
   for arg in args:
     report = taper.parity_report(config.load(f"{path}:{arg}" if arg else str(path)))

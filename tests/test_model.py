@@ -18,9 +18,11 @@ from flax import nnx
 
 import helpers
 from tlm_jax import state, taper
-from tlm_jax.config import LAYERS_MODES, TAPERS, model_spec
+from tlm_jax.config import model_spec
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import costs, lm
+from tlm_jax.model import budget, lm
+from tlm_jax.presets import TAPERS
+from tlm_jax.spec import LAYERS_MODES
 
 BATCH, SEQ = 2, 12
 LARGE_SCALES = ("124m", "440m", "760m", "1.3b")
@@ -365,19 +367,20 @@ def test_tiny_param_count_matches_uniform_twin_and_costs(preset, tie_embeddings)
 
   assert list(model.widths) == widths
   assert lm.param_count(model) == lm.param_count(twin)
-  assert lm.param_count(model) == costs.total_params(model_spec(cfg), widths)
+  uniform_stream = [cfg.model.d_model] * len(widths)
+  assert lm.param_count(model) == budget.total_params(model_spec(cfg), widths, uniform_stream)
   assert lm.param_count(model) == num_params(nnx.state(model))  # nothing hides outside Params
   for l, width in enumerate(widths):
     block = model.blocks[l]
     assert block.mlp.w_gate.shape == block.mlp.w_up.shape == (cfg.model.d_model, width)
     assert block.mlp.w_down.shape == (width, cfg.model.d_model)
-    assert num_params(nnx.state(block, nnx.Param)) == costs.layer_params(model_spec(cfg), width)
+    assert num_params(nnx.state(block, nnx.Param)) == budget.layer_params(model_spec(cfg), width)
   non_layer = (
     num_params(nnx.state(model.final_norm))
     + model.embed.size
     + (0 if model.head is None else model.head.size)
   )
-  assert non_layer == costs.embedding_params(model_spec(cfg))
+  assert non_layer == budget.embedding_params(model_spec(cfg), uniform_stream)
 
 
 @pytest.mark.parametrize("scale", LARGE_SCALES)
@@ -394,7 +397,7 @@ def test_large_scale_param_counts_match_uniform_twin_and_costs(scale):
         nnx.eval_shape(lambda cfg=cfg: state.build_model(taper.uniform_twin(cfg)))
       )
     assert count == twin_count, preset
-    assert count == costs.total_params(model_spec(cfg), widths), preset
+    assert count == budget.total_params(model_spec(cfg), widths, [cfg.model.d_model] * len(widths))
 
 
 # ---------------------------------------------------------------------------

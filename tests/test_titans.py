@@ -10,7 +10,7 @@ from flax import nnx
 import helpers
 from tlm_jax import config as config_lib
 from tlm_jax import sharding, state, taper
-from tlm_jax.model import costs, titans
+from tlm_jax.model import budget, titans
 from tlm_jax.model.layers import rope
 
 jax.config.update("jax_enable_x64", False)
@@ -337,7 +337,8 @@ def test_analytic_flops_match_xla_and_the_taper_keeps_them(variant):
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   cfg.train.update(batch_size=16, seq_len=32)
   spec = config_lib.model_spec(cfg)
-  analytic = costs.flops_per_token(spec, taper.widths_from_config(cfg), cfg.train.seq_len)
+  residual, widths = taper.plan(spec)
+  analytic = budget.flops_per_token(spec, widths, residual, cfg.train.seq_len)
   tapered, uniform = xla_flops_per_token(cfg), xla_flops_per_token(taper.uniform_twin(cfg))
   assert abs(analytic / tapered - 1) < 0.10, (analytic, tapered)
   assert abs(tapered / uniform - 1) < 0.01, (tapered, uniform)

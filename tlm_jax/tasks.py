@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tlm_jax import sharding
 from tlm_jax.data.tokenizers import Tokenizer
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm
+from tlm_jax.model import lm, registry
 
 MULTIPLE_CHOICE = (
   "piqa",
@@ -195,7 +195,10 @@ class Scorer:
 
   def __init__(self, model: lm.Decoder, seq_len: int, batch_size: int = 16):
     self.graphdef, self.params = nnx.split(model)
-    self.seq_len, self.multiple = seq_len, lm.length_multiple(model.spec)
+    self.seq_len, self.multiple = (
+      seq_len,
+      registry.get(model.spec.backbone).length_multiple(model.spec),
+    )
     sample = jax.tree.leaves(self.params)[0].sharding
     self.mesh = sample.mesh if isinstance(sample, NamedSharding) else None
     parallel = 1

@@ -18,14 +18,11 @@ taper's width for that layer scaled by d_l / d_model (rounded to the taper tile)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-from tlm_jax.config import ModelSpec
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import costs
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from tlm_jax.model import budget
+from tlm_jax.spec import ModelSpec
 
 
 def profile(num_layers: int, ends: float, middle: float) -> list[float]:
@@ -42,15 +39,6 @@ def residual_tile(spec: ModelSpec) -> int:
   return math.lcm(spec.residual.tile, spec.head_dim * group)
 
 
-def layer_spec(spec: ModelSpec, width: int) -> ModelSpec:
-  """The spec of a block at residual width `width`: same head_dim, heads scaled."""
-  if width == spec.d_model:
-    return spec
-  heads = width // spec.head_dim
-  group = spec.num_heads // spec.num_kv_heads
-  return dataclasses.replace(spec, d_model=width, num_heads=heads, num_kv_heads=heads // group)
-
-
 def scaled_mlp_widths(
   spec: ModelSpec, mlp_widths: list[int], residual_widths: list[int], multiple: int
 ) -> list[int]:
@@ -58,34 +46,6 @@ def scaled_mlp_widths(
     max(multiple, round(f * d / spec.d_model / multiple) * multiple)
     for f, d in zip(mlp_widths, residual_widths)
   ]
-
-
-def total_params(spec: ModelSpec, mlp_widths: list[int], residual_widths: list[int]) -> int:
-  """Embedding at the first block's width, head and final norm at the last's, every block."""
-  first, last = residual_widths[0], residual_widths[-1]
-  embed = spec.vocab_size * first + (0 if spec.tie_embeddings else spec.vocab_size * last) + last
-  layers = sum(
-    costs.layer_params(layer_spec(spec, d), f) for f, d in zip(mlp_widths, residual_widths)
-  )
-  return embed + layers
-
-
-def flops_per_token(
-  spec: ModelSpec, mlp_widths: list[int], residual_widths: list[int], seq_len: int
-) -> int:
-  head = 6 * residual_widths[-1] * spec.vocab_size
-  return head + sum(
-    costs.layer_flops_per_token(layer_spec(spec, d), f, seq_len)
-    for f, d in zip(mlp_widths, residual_widths)
-  )
-
-
-def kv_cache_bytes_per_token(spec: ModelSpec, residual_widths: list[int]) -> int:
-  """Keys and values every layer caches per token in `model.dtype`."""
-  per_value = DTYPE_BYTES[spec.dtype]
-  return sum(
-    2 * layer_spec(spec, d).num_kv_heads * spec.head_dim * per_value for d in residual_widths
-  )
 
 
 def widths(spec: ModelSpec, mlp: list[int], multiple: int) -> tuple[list[int], list[int]]:
@@ -108,13 +68,13 @@ def widths(spec: ModelSpec, mlp: list[int], multiple: int) -> tuple[list[int], l
       )
     residual = list(res.widths)
     return residual, scaled_mlp_widths(spec, mlp, residual, multiple)
-  target = costs.total_params(spec, mlp)
+  target = budget.total_params(spec, mlp, [spec.d_model] * spec.num_layers)
   ratios = profile(spec.num_layers, res.ends, res.middle)
   best = None
   for base in range(tile, 4 * spec.d_model + 1, max(1, tile // 8)):
     residual = [max(tile, round(base * r / tile) * tile) for r in ratios]
     scaled = scaled_mlp_widths(spec, mlp, residual, multiple)
-    miss = abs(total_params(spec, scaled, residual) - target)
+    miss = abs(budget.total_params(spec, scaled, residual) - target)
     if best is None or miss < best[0]:
       best = (miss, residual, scaled)
   return best[1], trim_mlp(spec, best[2], best[1], target, multiple)
@@ -127,18 +87,18 @@ def trim_mlp(
   one tile per layer per pass, widest layers first, while each step brings the total closer:
   the change spreads evenly instead of piling onto one layer."""
   mlp = list(mlp_widths)
-  total = total_params(spec, mlp, residual_widths)
+  total = budget.total_params(spec, mlp, residual_widths)
   order = sorted(range(len(mlp)), key=lambda l: -mlp[l])
   improved = True
   while improved:
     improved = False
     for l in order:
       sign = 1 if target > total else -1
-      layer = layer_spec(spec, residual_widths[l])
+      layer = spec.at_width(residual_widths[l])
       new = mlp[l] + sign * multiple
       if new < multiple:
         continue
-      change = costs.mlp_params(layer, new) - costs.mlp_params(layer, mlp[l])
+      change = budget.mlp_params(layer, new) - budget.mlp_params(layer, mlp[l])
       if abs(total + change - target) < abs(total - target):
         mlp[l], total, improved = new, total + change, True
   return mlp

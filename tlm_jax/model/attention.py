@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlm_jax.config import ModelSpec
 from tlm_jax.model import splash
 from tlm_jax.model.costs import gate_shape
 from tlm_jax.model.layers import output_std, param, rope
+from tlm_jax.spec import ModelSpec
 
 Array = jax.Array
 

@@ -1,27 +1,22 @@
-"""One registry entry per backbone: its token mixer, its per-layer MLP, and their costs.
+"""What a backbone's parts must provide, and the classes its registry entry names.
 
-A block is x + mixer(norm(x)), then x + mlp(norm(x)); only the mixer and the
-MLP (the part the taper sizes) differ between backbones. Adding a backbone is
-one entry here, its cost functions in `costs.COSTS`, and its name in
-`config.BACKBONES` (where its config fields are validated). Every backbone
-decodes with a cache (generate.py): a new mixer implements `CachedMixer`, and
-an MLP with state across tokens `CachedMLP`.
+The list of backbones and everything else about them is model/registry.py
+(pure, importable without JAX); this module turns an entry's 'module:Class'
+names into the classes the decoder builds. Every backbone decodes with a cache
+(generate.py): a new mixer implements `CachedMixer`, and an MLP with state
+across tokens `CachedMLP`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 from typing import Any, Protocol
 
 import jax
 from flax import nnx
 
-from tlm_jax.config import ModelSpec
-from tlm_jax.model import costs
-from tlm_jax.model.attention import Attention, GatedAttention
-from tlm_jax.model.hope import CMS
-from tlm_jax.model.layers import SwiGLU
-from tlm_jax.model.titans import Titans
+from tlm_jax.model import registry
+from tlm_jax.spec import ModelSpec
 
 
 class Mixer(Protocol):
@@ -68,18 +63,12 @@ class CachedMLP(MLP, Protocol):
   def decode(self, x_BTD: jax.Array, cache: Any) -> tuple[jax.Array, Any]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-  """Every mixer decodes with a cache (CachedMixer); so does an MLP that keeps state."""
-
-  mixer: type[CachedMixer]
-  mlp: type[MLP]
-  costs: costs.BackboneCosts
+def _resolve(name: str) -> type:
+  module, _, attr = name.partition(":")
+  return getattr(importlib.import_module(module), attr)
 
 
-BACKBONES = {
-  "transformer": Backbone(Attention, SwiGLU, costs.COSTS["transformer"]),
-  "gated_attention": Backbone(GatedAttention, SwiGLU, costs.COSTS["gated_attention"]),
-  "titans": Backbone(Titans, SwiGLU, costs.COSTS["titans"]),
-  "hope_attention": Backbone(Attention, CMS, costs.COSTS["hope_attention"]),
-}
+def modules(backbone: str) -> tuple[type[CachedMixer], type[MLP]]:
+  """(mixer class, MLP class) of a registered backbone."""
+  entry = registry.get(backbone)
+  return _resolve(entry.mixer), _resolve(entry.mlp)

@@ -6,7 +6,8 @@ uses; causal attention counts only the query-key pairs the mask lets through
 (about half the square, as MaxText counts it), not the masked half a dense
 kernel also computes (`masked_attention_flops`). tests/test_flops.py checks
 every backbone against XLA's count of the compiled train step. Each
-backbone's mixer and MLP costs are one `BackboneCosts` entry; the modules in
+backbone's mixer and MLP costs are one `BackboneCosts` in its registry entry
+(model/registry.py); whole-model totals are model/budget.py's. The modules in
 this package hold exactly the parameters counted here (tests build them and
 compare).
 """
@@ -18,8 +19,8 @@ import math
 from collections.abc import Callable
 from fractions import Fraction
 
-from tlm_jax.config import ModelSpec
 from tlm_jax.errors import ConfigError
+from tlm_jax.spec import ModelSpec
 
 # ---------------------------------------------------------------------------
 # Attention (Transformer, Gated Attention, Hope-attention, and inside Titans).
@@ -220,53 +221,11 @@ def cms_flops(spec: ModelSpec, width: int) -> int:
   return round(total)
 
 
-# ---------------------------------------------------------------------------
-# One entry per backbone, and whole-model totals.
-# ---------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class BackboneCosts:
+  """A backbone's per-layer costs (its registry entry holds one; model/budget.py sums them)."""
+
   mixer_params: Callable[[ModelSpec], int]
   mixer_flops: Callable[[ModelSpec, int], int]  # (spec, seq_len)
   mlp_params: Callable[[ModelSpec, int], int]  # (spec, width)
   mlp_flops: Callable[[ModelSpec, int], int]  # (spec, width)
-
-
-SWIGLU = dict(mlp_params=swiglu_params, mlp_flops=swiglu_flops)
-COSTS = {
-  "transformer": BackboneCosts(attention_params, attention_flops, **SWIGLU),
-  "gated_attention": BackboneCosts(gated_attention_params, gated_attention_flops, **SWIGLU),
-  "titans": BackboneCosts(titans_params, titans_flops, **SWIGLU),
-  "hope_attention": BackboneCosts(attention_params, attention_flops, cms_params, cms_flops),
-}
-
-
-def mlp_params(spec: ModelSpec, width: int) -> int:
-  return COSTS[spec.backbone].mlp_params(spec, width)
-
-
-def layer_params(spec: ModelSpec, width: int) -> int:
-  """Mixer + MLP + the block's two norm scales."""
-  return COSTS[spec.backbone].mixer_params(spec) + mlp_params(spec, width) + 2 * spec.d_model
-
-
-def embedding_params(spec: ModelSpec) -> int:
-  """Token table, the head unless tied, and the final norm."""
-  tables = 1 if spec.tie_embeddings else 2
-  return tables * spec.vocab_size * spec.d_model + spec.d_model
-
-
-def total_params(spec: ModelSpec, widths: list[int]) -> int:
-  return embedding_params(spec) + sum(layer_params(spec, w) for w in widths)
-
-
-def layer_flops_per_token(spec: ModelSpec, width: int, seq_len: int) -> int:
-  costs = COSTS[spec.backbone]
-  return costs.mixer_flops(spec, seq_len) + costs.mlp_flops(spec, width)
-
-
-def flops_per_token(spec: ModelSpec, widths: list[int], seq_len: int) -> int:
-  """Whole-model training FLOPs per token: every layer plus the output head."""
-  head = 6 * spec.d_model * spec.vocab_size
-  return head + sum(layer_flops_per_token(spec, w, seq_len) for w in widths)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlm_jax.config import ModelSpec
+from tlm_jax.spec import ModelSpec
 
 Array = jax.Array
 

@@ -14,7 +14,6 @@ checkpoint of one mode resumes in the other (state.relayout).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -22,11 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlm_jax import xshape
-from tlm_jax.config import LAYERS_MODES, ModelSpec
 from tlm_jax.errors import ConfigError
-from tlm_jax.model.backbones import BACKBONES
+from tlm_jax.model import backbones
 from tlm_jax.model.layers import RMSNorm, param
+from tlm_jax.spec import LAYERS_MODES, ModelSpec
 
 Array = jax.Array
 
@@ -43,11 +41,11 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm(x)), then x + MLP_width(norm(x))."""
 
   def __init__(self, spec: ModelSpec, width: int, *, rngs: nnx.Rngs):
-    pdt, backbone = jnp.dtype(spec.param_dtype), BACKBONES[spec.backbone]
+    pdt, (mixer, mlp) = jnp.dtype(spec.param_dtype), backbones.modules(spec.backbone)
     self.mixer_norm = RMSNorm(spec.d_model, spec.norm_eps, pdt)
-    self.mixer = backbone.mixer(spec, rngs=rngs)
+    self.mixer = mixer(spec, rngs=rngs)
     self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, pdt)
-    self.mlp = backbone.mlp(spec, width, rngs=rngs)
+    self.mlp = mlp(spec, width, rngs=rngs)
 
   def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
     x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD), positions_BT)
@@ -244,7 +242,7 @@ class Decoder(nnx.Module):
     first, last, v = residual[0], residual[-1], spec.vocab_size
     pdt = jnp.dtype(spec.param_dtype)
     self.embed = param(rngs, (v, first), ("vocab", "embed"), spec.init_std, pdt)
-    blocks = [Block(xshape.layer_spec(spec, d), w, rngs=rngs) for d, w in zip(residual, widths)]
+    blocks = [Block(spec.at_width(d), w, rngs=rngs) for d, w in zip(residual, widths)]
     self.groups = layer_groups(list(zip(residual, widths)), spec.layers_mode)
     if spec.layers_mode == "grouped":
       self.stacks = nnx.List([stack_blocks([blocks[l] for l in g]) for g in self.groups])
@@ -315,17 +313,6 @@ class Decoder(nnx.Module):
     return jnp.einsum(
       "btd,dv->btv", h_BTD, w_DV.astype(self.dtype), preferred_element_type=jnp.float32
     )
-
-
-def length_multiple(spec: ModelSpec) -> int:
-  """__call__ takes sequence lengths that are multiples of this (a memory's chunks, Titans MAC's
-  segments); decode takes any number of tokens."""
-  if spec.backbone == "titans":
-    titans = spec.titans
-    return titans.segment_size if titans.variant == "mac" else titans.chunk_size
-  if spec.backbone == "hope_attention":
-    return math.lcm(1, *(c for c in spec.hope.chunk_sizes if c))
-  return 1
 
 
 def set_layers_mode(model: Decoder, layers_mode: str) -> None:
