@@ -39,7 +39,8 @@ from matplotlib.ticker import MaxNLocator
 from tlm_jax import cli, taper
 from tlm_jax import config as config_lib
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import costs
+from tlm_jax.model import budget, registry
+from tlm_jax.spec import TaperSpec
 
 # Config fields that never change a run's numbers: where files go, how many hosts
 # and how the mesh splits the same computation, logging and checkpoint cadence.
@@ -55,8 +56,6 @@ IGNORED = (
   "train.peak_flops",
   "model.taper",  # stands in as the resolved widths
 )
-# Config sections only one backbone reads (a default changed there leaves the others alone).
-BACKBONE_SECTIONS = (("gated_attention", "gate"), ("titans", "titans"), ("hope_attention", "hope"))
 METRICS = ("loss", "perplexity", "bits_per_byte")
 # The paper's metric per task (PAPERS.md section 1): acc_norm for HellaSwag and ARC-c.
 TASK_METRIC = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm"}
@@ -210,7 +209,9 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def identity(config: Any, widths: Sequence[int]) -> dict[str, Any]:
   """What makes a configuration: the config less seed, bookkeeping and the sections its
   backbone does not read; the widths stand for the taper."""
-  unread = [f"model.{section}" for b, section in BACKBONE_SECTIONS if config.model.backbone != b]
+  own = registry.get(config.model.backbone).own_fields
+  others = {f for entry in registry.BACKBONES.values() for f in entry.own_fields}
+  unread = [f"model.{field}" for field in sorted(others - set(own))]
   flat = flatten(config)
   keep = {
     k: v
@@ -225,20 +226,7 @@ def _key(ident: dict[str, Any]) -> str:
 
 
 def describe_taper(config: Any) -> str:
-  """A TAPERS preset name where the fields match one, else the schedule and its ratios."""
-  t = config.model.taper
-  for name, fields in config_lib.TAPERS.items():
-    if all(_same(t[k], v) for k, v in fields.items()):
-      return name
-  if t.schedule in ("cosine", "linear", "sigmoid", "stepped"):
-    return f"{t.schedule} {t.start:g}→{t.end:g}"
-  if t.schedule == "thirds":
-    return "thirds " + "/".join(f"{x:g}" for x in t.thirds)
-  return t.schedule
-
-
-def _same(a: Any, b: Any) -> bool:
-  return list(a) == list(b) if isinstance(b, tuple) else a == b
+  return taper.describe(TaperSpec.from_config(config.model.taper))
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float | None]:
@@ -294,9 +282,9 @@ def build(runs: list[dict[str, Any]]) -> dict[str, Any]:
       run["configuration"] = group["label"]
     group["summary"] = _summarize(group)
   for group in groups.values():
-    ident, c = group["ident"], group["summary"]
-    uniform = [ident.get("model.mlp_width")] * len(ident["widths"])
-    twin_group = groups.get(_key(dict(ident, widths=uniform)))
+    c, twin_config = group["summary"], taper.uniform_twin(group["config"])
+    uniform = [twin_config.model.mlp_width] * twin_config.model.num_layers
+    twin_group = groups.get(_key(identity(twin_config, uniform)))
     twin = twin_group["summary"] if twin_group else None
     c["uniform_twin"] = twin["label"] if twin else None
     c["vs_uniform"] = c["paired_vs_uniform"] = None
@@ -342,8 +330,9 @@ def _summarize(group: dict[str, Any]) -> dict[str, Any]:
   config, widths = group["config"], group["ident"]["widths"]
   try:
     spec = config_lib.model_spec(config)
-    params = costs.total_params(spec, widths)
-    flops = costs.flops_per_token(spec, widths, config.train.seq_len)
+    residual, mlp = taper.plan(spec, config_lib.tensor_parallel_size(config))
+    params = budget.total_params(spec, mlp, residual)
+    flops = budget.flops_per_token(spec, mlp, residual, config.train.seq_len)
   except ConfigError:  # a config.json from another version of the model spec
     params = flops = None
   out = dict(
