@@ -19,6 +19,13 @@ def test_an_unknown_backbone_names_the_nearest():
     config_lib.validate(cfg)
 
 
+def test_splash_is_refused_where_the_registry_says_its_masks_do_not_fit():
+  cfg = helpers.load_config("tlm_titans", "tiny")
+  cfg.model.attention_impl = "splash"
+  with pytest.raises(ConfigError, match=r"model.backbone='titans' takes no .*splash"):
+    config_lib.validate(cfg)
+
+
 def test_model_defaults_are_the_specs():
   assert config_lib.model_spec(config_lib.base_config()) == dataclasses.replace(
     ModelSpec(), head_dim=ModelSpec().d_model // ModelSpec().num_heads

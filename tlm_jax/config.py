@@ -135,7 +135,12 @@ def _overlay(node: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
 
 def model_spec(config: Any) -> ModelSpec:
   """The validated model spec of a full experiment config (the backbone from the registry)."""
-  registry.get(config.model.backbone)
+  backbone = registry.get(config.model.backbone)
+  require(
+    backbone.splash or config.model.attention_impl != "splash",
+    f"model.backbone={config.model.backbone!r} takes no model.attention_impl='splash' (its "
+    "attention masks are not causal / sliding-window ones); use attention_impl='xla'",
+  )
   return ModelSpec.from_config(config.model)
 
 

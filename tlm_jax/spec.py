@@ -336,11 +336,6 @@ class ModelSpec:
         "token sees are not a causal mask); set model.persistent_tokens=0 or use "
         "attention_impl='xla'",
       )
-      require(
-        self.backbone != "titans",
-        "model.backbone='titans' takes no model.attention_impl='splash' (its prefix and "
-        "segment masks are not causal / sliding-window ones); use attention_impl='xla'",
-      )
     self.titans.validate()
     self.hope.validate()
     self.taper.validate()

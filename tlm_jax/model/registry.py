@@ -25,7 +25,8 @@ from tlm_jax.spec import ModelSpec
 class Backbone:
   """mixer / mlp: 'module:Class' of the model layer (model/backbones.py imports them), so this
   table stays importable without JAX. length_multiple: the sequence lengths __call__ takes are
-  multiples of it. own_fields: `config.model` fields only this backbone reads. shapes: what it
+  multiples of it. own_fields: `config.model` fields only this backbone reads. splash: its
+  attention masks are causal / sliding-window ones, which the splash kernel takes. shapes: what it
   changes in presets.SCALES per scale, so its uniform model lands within 3% of the scale's
   name (tests/test_taper.py checks every backbone x scale)."""
 
@@ -34,6 +35,7 @@ class Backbone:
   costs: costs.BackboneCosts
   length_multiple: Callable[[ModelSpec], int] = lambda spec: 1
   own_fields: tuple[str, ...] = ()
+  splash: bool = True
   shapes: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
 
 
@@ -80,6 +82,7 @@ BACKBONES: dict[str, Backbone] = {
     costs=costs.BackboneCosts(costs.titans_params, costs.titans_flops, **SWIGLU_COSTS),
     length_multiple=_titans_length_multiple,
     own_fields=("titans",),
+    splash=False,  # its prefix and segment masks
     shapes={  # 442M, 761M, 1.298B (mag)
       "440m": dict(num_layers=21, mlp_width=2560),
       "760m": dict(num_layers=15, mlp_width=4608),
