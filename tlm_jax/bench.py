@@ -34,16 +34,16 @@ from tlm_jax.data import pipeline, pretokenize
 
 def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   """Compile and time `steps` train steps after one warm-up step."""
-  run = state.setup(config, sharding.make_mesh(config.mesh))
+  setup = state.setup(config, sharding.make_mesh(config.mesh))
   tcfg = config.train
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, config.model.vocab_size, (tcfg.batch_size, tcfg.seq_len), np.int32)
-  batch = sharding.to_global(dict(inputs=tokens, targets=tokens), run.batch_sharding)
+  batch = sharding.to_global(dict(inputs=tokens, targets=tokens), setup.batch_sharding)
 
   start = time.perf_counter()
-  compiled = run.train_step.lower(run.abstract_state, batch).compile()
+  compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
   compile_s = time.perf_counter() - start
-  train_state = run.init_fn()
+  train_state = setup.init_fn()
   train_state, out = compiled(train_state, batch)
   jax.block_until_ready(out)
   times = []
@@ -54,11 +54,11 @@ def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   tokens_per_sec = tcfg.batch_size * tcfg.seq_len / step_s
-  flops = run.flops_per_token
+  flops = setup.flops_per_token
   memory = compiled.memory_analysis()
   return dict(
     schedule=config.model.taper.schedule,
-    widths=list(run.widths),
+    widths=list(setup.widths),
     compile_s=compile_s,
     median_step_ms=1e3 * step_s,
     tokens_per_sec=tokens_per_sec,
@@ -96,12 +96,12 @@ def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
   twin.model.layers_mode = "grouped"
   times = {}
   for name, cfg in (("config", config), ("uniform_scan", twin)):
-    run = state.setup(cfg, sharding.make_mesh(cfg.mesh))
+    setup = state.setup(cfg, sharding.make_mesh(cfg.mesh))
     tokens = jax.ShapeDtypeStruct(
-      (cfg.train.batch_size, cfg.train.seq_len), np.int32, sharding=run.batch_sharding
+      (cfg.train.batch_size, cfg.train.seq_len), np.int32, sharding=setup.batch_sharding
     )
     start = time.perf_counter()
-    run.train_step.lower(run.abstract_state, dict(inputs=tokens, targets=tokens)).compile()
+    setup.train_step.lower(setup.abstract_state, dict(inputs=tokens, targets=tokens)).compile()
     times[name] = time.perf_counter() - start
   return dict(
     device=jax.devices()[0].device_kind,
@@ -112,14 +112,6 @@ def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
     uniform_scan_compile_s=times["uniform_scan"],
     compile_ratio=times["config"] / times["uniform_scan"],
   )
-
-
-_FROM_JSON = """from tlm_jax import config as config_lib
-
-
-def get_config(path):
-  return config_lib.from_json(path)
-"""
 
 
 def loop(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
@@ -134,23 +126,14 @@ def loop(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   config.train.update(steps=steps, log_every=log_every, eval_every=steps, checkpoint_every=steps)
   config.train.warmup_steps = min(config.train.warmup_steps, steps - 1)
   with tempfile.TemporaryDirectory() as tmp:
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    config_json, run_dir = os.path.join(tmp, "config.json"), os.path.join(tmp, "run")
+    with open(config_json, "w") as f:
       f.write(config.to_json_best_effort())
-    with open(os.path.join(tmp, "from_json.py"), "w") as f:
-      f.write(_FROM_JSON)
-    cmd = [
-      sys.executable,
-      "-m",
-      "tlm_jax.train",
-      "--workdir",
-      os.path.join(tmp, "run"),
-      "--config",
-      f"{os.path.join(tmp, 'from_json.py')}:{os.path.join(tmp, 'config.json')}",
-    ]
+    cmd = [sys.executable, "-m", "tlm_jax.train", "--workdir", run_dir, "--config", config_json]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
       raise RuntimeError(f"the train loop failed:\n{result.stderr[-3000:]}")
-    rows = [r for r in metrics.read_metrics(os.path.join(tmp, "run")) if "split" not in r]
+    rows = [r for r in metrics.read_metrics(run_dir) if "split" not in r]
   loop_rate = statistics.median(r["tokens_per_sec"] for r in rows[1:-1])
   step_rate = measure(config, steps)["tokens_per_sec"]
   return dict(
@@ -216,11 +199,18 @@ if __name__ == "__main__":
   from absl import flags
 
   _CONFIG = cli.config_flag()
-  _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (after one warm-up).")
+  _STEPS = flags.DEFINE_integer(
+    "steps", 20, "Timed steps per model (after one warm-up).", lower_bound=1
+  )
   _LOOP = flags.DEFINE_bool("loop", False, "The real train loop against the bare step.")
   _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile seconds against the uniform twin as one scan."
   )
   _DATA = flags.DEFINE_bool("data", False, "Host tokens/s of the data pipeline per process.")
   _HOSTS = flags.DEFINE_list("hosts", ["1", "2", "4"], "--data: simulated host counts.")
+  flags.register_validator(
+    "hosts",
+    lambda hosts: all(h.isdigit() and int(h) for h in hosts),
+    "should be positive integers, e.g. 1,2,4",
+  )
   cli.run(main)

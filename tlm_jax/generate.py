@@ -229,8 +229,22 @@ def generate(
   return [min((t.split(s, 1)[0] for s in stop if s), key=len, default=t) for t in texts]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """ConfigError, naming the flag, for settings that would generate nothing or sample from
+  nothing: checked before a checkpoint is read."""
+  if max_new_tokens < 1:
+    raise ConfigError(f"--max_new_tokens={max_new_tokens}: should be at least 1")
+  if not temperature >= 0:
+    raise ConfigError(f"--temperature={temperature:g}: should be >= 0 (0 is greedy)")
+  if top_k < 0:
+    raise ConfigError(f"--top_k={top_k}: should be >= 0 (0 keeps every token)")
+  if not 0 < top_p <= 1:
+    raise ConfigError(f"--top_p={top_p:g}: should be in (0, 1] (1 keeps every token)")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
+  check_sampling(_MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   restored = evaluate.restore(_WORKDIR.value)
   (completion,) = generate(
     restored.model,
