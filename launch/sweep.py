@@ -50,6 +50,7 @@ from ml_collections import config_flags
 
 from tlm_jax import config as config_lib
 from tlm_jax import presets, taper
+from tlm_jax import workdir as workdir_lib
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import registry
 
@@ -268,12 +269,7 @@ def train_argv(run: Run, workdir: str) -> list[str]:
 
 def final_loss(workdir: str) -> str:
   """The last validation loss of a run, for the progress line."""
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except OSError:
-    return ""
-  losses = [r["loss"] for r in rows if r.get("split") == "validation" and "loss" in r]
+  losses = [r["loss"] for r in workdir_lib.read_metrics(workdir) if r.get("split") == "validation"]
   return f", validation loss {losses[-1]:.4f}" if losses else ""
 
 

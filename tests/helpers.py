@@ -5,6 +5,7 @@ import pathlib
 
 from tlm_jax import config as config_lib
 from tlm_jax import metrics, sharding, state
+from tlm_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,4 +47,4 @@ def xla_flops_per_token(config) -> float:
 
 def train_losses(workdir) -> dict[int, float]:
   """Training loss by step from a workdir's metrics.jsonl (evaluation rows left out)."""
-  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "split" not in r}
+  return {r["step"]: r["loss"] for r in workdir_lib.training_rows(workdir)}

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import helpers
-from tlm_jax import state, train
+from tlm_jax import restore, state, train
 from tlm_jax.analysis import alignment, blocks, hyperfit, load, looping, lora, swap_kl
 from tlm_jax.config import model_spec
 from tlm_jax.data import tokenizers
@@ -43,7 +43,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(workdir):
   """On one device: replicated over 8 simulated ones, every analysis would run 8 times."""
-  return load.restore(str(workdir), jax.devices()[:1])
+  return restore.latest(str(workdir), jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")

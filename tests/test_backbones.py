@@ -13,8 +13,8 @@ from helpers import run_steps
 from tlm_jax import state, taper, train
 from tlm_jax.config import model_spec
 from tlm_jax.data import pipeline
-from tlm_jax.metrics import read_metrics
 from tlm_jax.model import budget, lm
+from tlm_jax.workdir import read_metrics
 
 BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
 

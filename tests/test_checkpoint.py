@@ -1,4 +1,6 @@
-"""Damaged checkpoints: resuming falls back to an older step and keeps the damaged one aside."""
+"""Checkpoints and the workdir around them: damaged checkpoints (resuming falls back to an
+older step and keeps the damaged one aside), restoring the params alone, and the workdir
+files (tlm_jax/workdir.py)."""
 
 import os
 
@@ -8,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlm_jax import checkpoint
+import helpers
+from tlm_jax import checkpoint, restore, sharding, state
+from tlm_jax import workdir as workdir_lib
 from tlm_jax.errors import ConfigError
 
 
@@ -123,3 +127,121 @@ def test_a_checkpoint_in_another_layout_is_converted_not_moved_aside(tmp_path):
   np.testing.assert_array_equal(next(it), [8, 9, 10, 11])
   assert sorted(os.listdir(directory)) == ["2", "4"]
   ckpt.close()
+
+
+# ---------------------------------------------------------------------------
+# Restoring a workdir's params alone (tlm_jax.restore), for the tools that do not train.
+# ---------------------------------------------------------------------------
+
+
+def bytes_read() -> int:
+  """Bytes this process has read from files so far (Linux /proc/self/io `rchar`)."""
+  with open("/proc/self/io") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def saved_workdir(path, layers_mode):
+  """A workdir as training leaves it (config.json; a checkpoint of the whole train state and
+  the data position) without training: random params and Adam moments (zeros would compress
+  to nothing on disk). Returns (config, the state saved)."""
+  config = helpers.load_config("tlm_transformer", "tiny")
+  config.model.layers_mode = layers_mode
+  os.makedirs(path)
+  workdir_lib.write_config(str(path), config)
+  setup = state.setup(config, sharding.make_mesh(config.mesh))
+  rng = np.random.default_rng(0)
+  train_state = jax.tree.map(
+    lambda x: jax.device_put(rng.standard_normal(x.shape).astype(x.dtype), x.sharding),
+    setup.abstract_state,
+  )
+  ckpt = checkpoint.Checkpointer(workdir_lib.path(str(path), workdir_lib.CHECKPOINTS), keep=3)
+  ckpt.save(3, train_state, batches(), force=True)
+  ckpt.close()
+  return config, train_state
+
+
+def full_restore(workdir, config):
+  """The whole train state restored as a resumed run restores it (through state.relayout)."""
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state.setup(config, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS), keep=3)
+  step, train_state = ckpt.restore_latest(
+    setup.abstract_state, relayout=state.relayout(config, mesh)
+  )
+  ckpt.close()
+  return step, train_state
+
+
+@pytest.mark.parametrize("saved_mode", ["unrolled", "grouped"])
+def test_restore_reads_the_params_alone_and_equals_a_full_restore(tmp_path, saved_mode):
+  workdir = str(tmp_path / "w")
+  config, saved = saved_workdir(workdir, saved_mode)
+  config.model.layers_mode = "unrolled"  # what restore.latest gives, whatever was saved
+
+  before = bytes_read()
+  step, whole = full_restore(workdir, config)
+  whole_read = bytes_read() - before
+  before = bytes_read()
+  restored = restore.latest(workdir)
+  params_read = bytes_read() - before
+
+  assert restored.step == step == 3 and restored.config.model.layers_mode == "unrolled"
+  assert len(restored.model.blocks) == config.model.num_layers
+  jax.tree.map(np.testing.assert_array_equal, restored.params, whole["params"])
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves(saved["params"]))
+  moment_bytes = sum(x.nbytes for x in jax.tree.leaves(saved["opt_state"]))
+  assert moment_bytes > 1.9 * params_bytes  # AdamW: two moments per param
+  # A full restore reads every array (and some metadata); restore.latest reads the params
+  # (and the same metadata), not the moments: less than a quarter of them.
+  assert whole_read > params_bytes + moment_bytes
+  assert params_read < params_bytes + moment_bytes / 4
+
+
+# ---------------------------------------------------------------------------
+# The workdir's files (tlm_jax/workdir.py).
+# ---------------------------------------------------------------------------
+
+
+def test_metrics_rows_survive_a_write_cut_short(tmp_path):
+  workdir = str(tmp_path)
+  assert workdir_lib.read_metrics(workdir) == []  # before the first row
+  workdir_lib.append_metrics(workdir, dict(step=1, loss=3.0))
+  with open(workdir_lib.path(workdir, workdir_lib.METRICS), "a") as f:
+    f.write('{"step": 2, "lo')  # killed mid-write (or being written as we read)
+  assert workdir_lib.read_metrics(workdir) == [dict(step=1, loss=3.0)]
+  workdir_lib.append_metrics(workdir, dict(step=2, loss=2.5))  # the resumed run
+  workdir_lib.append_metrics(workdir, dict(step=2, split="validation", loss=2.7))
+  assert workdir_lib.training_rows(workdir) == [dict(step=1, loss=3.0), dict(step=2, loss=2.5)]
+  assert len(workdir_lib.read_metrics(workdir)) == 3
+
+
+def test_evaluations_and_task_results_by_step(tmp_path):
+  workdir = str(tmp_path)
+  workdir_lib.append_metrics(workdir, dict(step=4, split="validation", loss=2.0))
+  workdir_lib.append_metrics(workdir, dict(step=4, split="task:piqa", acc=0.5))
+  workdir_lib.write_evaluation(workdir, dict(step=4, split="validation", loss=9.0))
+  workdir_lib.write_evaluation(workdir, dict(step=6, split="validation", loss=1.5))
+  workdir_lib.write_evaluation(workdir, dict(step=6, split="test", loss=1.0))
+  # Training's own row wins at a step it evaluated; the CLI's file fills in the others.
+  assert {s: r["loss"] for s, r in workdir_lib.evaluations(workdir, "validation").items()} == {
+    4: 2.0,
+    6: 1.5,
+  }
+  assert workdir_lib.latest_tasks(workdir) is None
+  workdir_lib.write_tasks(workdir, 10, dict(piqa=dict(acc=0.5)))
+  workdir_lib.write_tasks(workdir, 9, dict(piqa=dict(acc=0.1)))
+  workdir_lib.write_tasks(workdir, 10, dict(arc_easy=dict(acc=0.6)))  # merged, piqa kept
+  assert workdir_lib.latest_tasks(workdir) == dict(piqa=dict(acc=0.5), arc_easy=dict(acc=0.6))
+
+
+def test_config_and_widths_round_trip(tmp_path):
+  workdir = str(tmp_path)
+  assert not workdir_lib.is_workdir(workdir) and workdir_lib.read_widths(workdir) is None
+  config = helpers.load_config("tlm_transformer", "tiny")
+  workdir_lib.write_config(workdir, config)
+  workdir_lib.write_widths(workdir, [384, 128])
+  assert workdir_lib.is_workdir(workdir)
+  assert workdir_lib.read_config(workdir) == config
+  assert workdir_lib.read_widths(workdir) == [384, 128]
+  with pytest.raises(ConfigError, match="config.json"):
+    workdir_lib.read_config(str(tmp_path / "elsewhere"))

@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 import helpers
-from tlm_jax import evaluate, generate, tasks, train
-from tlm_jax.metrics import read_metrics
+from tlm_jax import generate, restore, tasks, train
+from tlm_jax.workdir import read_metrics
 
 REPO = str(helpers.REPO)
 SEQ_LEN = 64
@@ -124,7 +124,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-  return evaluate.restore(workdir)
+  return restore.latest(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def plain_loglikelihood(restored):
   gives every one of its tokens) from one plain
   forward pass over separator + bytes, cut on the left to seq_len + 1 tokens (right-padded to
   seq_len so one compile serves all: the model is causal)."""
-  forward = jax.jit(lambda params, ids: nnx.merge(restored.run.graphdef, params)(ids))
+  forward = jax.jit(lambda params, ids: nnx.merge(restored.graphdef, params)(ids))
 
   def loglikelihood(context, continuation):
     ids = [0, *context.encode(), *continuation.encode()][-(SEQ_LEN + 1) :]
@@ -164,7 +164,7 @@ def test_multiple_choice_equals_hand_computed_loglikelihood_at_batch_1_and_7(
   # One device so the batch really is 1 or 7 rows (a mesh pads it to the devices).
   single = jax.device_put(restored.params, jax.devices()[0])
   for batch_size in (1, 7):
-    scorer = tasks.Scorer(nnx.merge(restored.run.graphdef, single), SEQ_LEN, batch_size)
+    scorer = tasks.Scorer(nnx.merge(restored.graphdef, single), SEQ_LEN, batch_size)
     results.append(tasks.run(scorer, restored.tokenizer, task, data_dir))
     pairs = [
       tasks.encode_pair(restored.tokenizer, c, x)

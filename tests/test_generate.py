@@ -15,7 +15,7 @@ from flax import nnx
 
 import helpers
 from tlm_jax import config as config_lib
-from tlm_jax import evaluate, generate, state, train
+from tlm_jax import generate, restore, state, train
 from tlm_jax.model import hope, titans
 
 PROMPTS = [[0, 5, 9, 200, 3, 7, 100, 20, 30, 40, 50], [0, 1, 2], [0, *range(60, 89)]]
@@ -176,7 +176,7 @@ def run_generate(*args):
 
 
 def test_generate_cli_prints_json_and_cuts_at_stop_strings(workdir):
-  restored = evaluate.restore(workdir)
+  restored = restore.latest(workdir)
   (full,) = generate.generate(restored.model, restored.tokenizer, ["the cat"], max_new_tokens=24)
   stop = full[6:8]
   result = run_generate(

@@ -12,11 +12,11 @@ from jax.sharding import PartitionSpec
 
 import helpers
 from helpers import run_steps
-from tlm_jax import evaluate, generate, sharding, state, train
+from tlm_jax import evaluate, generate, restore, sharding, state, train
 from tlm_jax.data import pipeline
 from tlm_jax.errors import ConfigError
-from tlm_jax.metrics import read_metrics
 from tlm_jax.model import lm
+from tlm_jax.workdir import read_metrics
 
 STEPS = 6
 GROUPS = ((0, 1), (2, 3))  # small_config's layers in grouped mode
@@ -113,8 +113,8 @@ def test_grouped_checkpoint_resumes_unrolled_and_back(tmp_path, capsys, data_dir
 
 
 def test_evaluate_restore_of_a_grouped_run_gives_per_layer_blocks(grouped_run):
-  restored = evaluate.restore(str(grouped_run))
-  assert restored.run.spec.layers_mode == "unrolled" and len(restored.model.blocks) == 4
+  restored = restore.latest(str(grouped_run))
+  assert restored.config.model.layers_mode == "unrolled" and len(restored.model.blocks) == 4
   row = evaluate.evaluate_workdir(str(grouped_run))
   final_eval = [r for r in read_metrics(grouped_run) if r.get("split") and r["step"] == STEPS]
   assert row["step"] == STEPS

@@ -24,6 +24,7 @@ LAYERS = {
   "tlm_jax.cli": PURE,
   "tlm_jax.taper": PURE,
   "tlm_jax.xshape": PURE,
+  "tlm_jax.workdir": PURE,
   "tlm_jax.model": PURE,  # the package docstring only
   "tlm_jax.model.costs": PURE,
   "tlm_jax.model.registry": PURE,
@@ -34,6 +35,7 @@ LAYERS = {
   "tlm_jax.checkpoint": RUNTIME,
   "tlm_jax.metrics": RUNTIME,
   "tlm_jax.state": RUNTIME,
+  "tlm_jax.restore": RUNTIME,
   "tlm_jax.prefetch": RUNTIME,
   "tlm_jax.data": RUNTIME,
   "tlm_jax.train": TOOLS,

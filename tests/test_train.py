@@ -20,7 +20,7 @@ from tlm_jax import checkpoint, evaluate, sharding, state, train
 from tlm_jax import config as config_lib
 from tlm_jax.data import pipeline
 from tlm_jax.errors import ConfigError
-from tlm_jax.metrics import read_metrics
+from tlm_jax.workdir import read_metrics
 
 REPO = str(helpers.REPO)
 local = helpers.load_module("launch/local.py")

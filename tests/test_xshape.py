@@ -15,8 +15,8 @@ import helpers
 from helpers import run_steps
 from tlm_jax import checkpoint, sharding, state, taper, train
 from tlm_jax.data import pipeline
-from tlm_jax.metrics import read_metrics
 from tlm_jax.model import lm
+from tlm_jax.workdir import read_metrics
 
 
 def xformer(arg="tiny", backbone="transformer"):

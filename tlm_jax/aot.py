@@ -42,9 +42,9 @@ def compile_for_topology(
   mesh = jax.sharding.Mesh(
     mesh.devices, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
   )
-  run = state.setup(config, mesh)
+  setup = state.setup(config, mesh)
   tokens = jax.ShapeDtypeStruct(
-    (config.train.batch_size, config.train.seq_len), jnp.int32, sharding=run.batch_sharding
+    (config.train.batch_size, config.train.seq_len), jnp.int32, sharding=setup.batch_sharding
   )
   hbm = next((v for k, v in HBM_PER_CHIP.items() if topology.startswith(k)), None)
   report = dict(
@@ -54,8 +54,8 @@ def compile_for_topology(
     hbm_per_chip_gib=hbm and hbm / GiB,
   )
   try:
-    compiled = run.train_step.lower(
-      run.abstract_state, dict(inputs=tokens, targets=tokens)
+    compiled = setup.train_step.lower(
+      setup.abstract_state, dict(inputs=tokens, targets=tokens)
     ).compile()
   except Exception as e:  # XLA reports an impossible fit as RESOURCE_EXHAUSTED at compile time
     if "RESOURCE_EXHAUSTED" not in str(e):

@@ -1,5 +1,8 @@
 """Orbax checkpoints holding the train state and the Grain iterator position together.
 
+A tool that does not train restores part of the state (the params): the rest
+(AdamW's moments, twice the params) is not read.
+
 Saves are async and atomic (Orbax writes to a temporary folder and renames),
 so a run killed mid-save keeps its previous checkpoint. A checkpoint damaged
 later (a truncated copy, a bad disk) is moved aside by `restore_latest`, which
@@ -35,6 +38,24 @@ def _brief(e: Exception, limit: int = 200) -> str:
   return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
 
 
+def _partial_restore(saved: Any, abstract_state: dict[str, Any]) -> ocp.args.PyTreeRestore:
+  """Restores the parts of the saved state that `abstract_state` names; the others are not
+  read. Each part must match its saved tree whole, as a full restore checks (a partial one
+  would silently leave out variables the model does not have)."""
+  for part, tree in abstract_state.items():
+    if part not in saved.keys():
+      raise ValueError(f"the checkpoint has no {part!r} (it holds {sorted(saved.keys())})")
+    want, have = (set(ocp.tree.to_flat_dict(t)) for t in (tree, saved[part]))
+    if want != have:
+      extra = ["/".join(map(str, k)) for k in sorted(want ^ have)][:3]
+      raise ValueError(f"the checkpoint's {part} and this model's differ at {extra}")
+  return ocp.args.PyTreeRestore(
+    item=abstract_state,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+    partial_restore=True,
+  )
+
+
 class Checkpointer:
   def __init__(self, directory: str, keep: int):
     directory = os.path.abspath(directory)
@@ -46,13 +67,18 @@ class Checkpointer:
         "fix its permissions or choose another --workdir"
       )
     self.directory = directory
+    # Known up front, so a fresh manager can read a step's metadata before restoring. A
+    # partial restore needs the PyTree handler; it reads what the standard one writes.
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      handlers.add("state", args, ocp.StandardCheckpointHandler)
+    handlers.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+    for args in (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore):
+      handlers.add("data", args, grain.checkpoint.CheckpointHandler)
     self.manager = ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      # Known up front, so a fresh manager can read a step's metadata before restoring.
-      item_handlers=dict(
-        state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()
-      ),
+      handler_registry=handlers,
     )
 
   def latest_step(self) -> int | None:
@@ -70,10 +96,14 @@ class Checkpointer:
   def _restore(
     self, step: int, abstract_state: Any, data_iter: Any | None, relayout: Relayout | None
   ) -> Any:
-    other = relayout(self.manager.item_metadata(step)["state"]) if relayout else None
+    saved = self.manager.item_metadata(step)["state"]
+    other = relayout(saved) if relayout else None
     if other is not None:
       abstract_state, convert = other
-    args = dict(state=ocp.args.StandardRestore(abstract_state))
+    if set(abstract_state) == set(saved.keys()):
+      args = dict(state=ocp.args.StandardRestore(abstract_state))
+    else:
+      args = dict(state=_partial_restore(saved, abstract_state))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     state = self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
@@ -87,7 +117,8 @@ class Checkpointer:
     relayout: Relayout | None = None,
   ) -> Any:
     """The saved state laid out as `abstract_state` (its shardings: any mesh works), through
-    `relayout` when the checkpoint's own layout may differ."""
+    `relayout` when the checkpoint's own layout may differ. An `abstract_state` holding only
+    some of the state's parts (e.g. {"params": ...}) restores those alone."""
     try:
       return self._restore(step, abstract_state, data_iter, relayout)
     except Exception as e:  # tensorstore and Orbax raise many types for bad files

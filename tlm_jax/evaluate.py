@@ -17,11 +17,9 @@ context could do) is reported beside it as a floor to beat.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,11 +31,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from tlm_jax import checkpoint, cli, metrics, sharding, state, tasks
-from tlm_jax import config as config_lib
-from tlm_jax.data import pipeline, tokenizers
+from tlm_jax import cli, metrics, restore, sharding, tasks
+from tlm_jax import workdir as workdir_lib
+from tlm_jax.data import pipeline
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm
 
 
 def make_eval_step(graphdef: nnx.GraphDef, bytes_per_token: np.ndarray) -> Callable:
@@ -90,54 +87,16 @@ def evaluate(
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """A workdir's latest checkpoint on the mesh its config asks for (`mesh.*`), with one block
-  per layer (model.layers_mode "unrolled") whatever the run used: the tools read
-  `model.blocks`."""
-
-  config: ml_collections.ConfigDict  # the workdir's, with model.layers_mode="unrolled"
-  step: int
-  run: state.Setup
-  params: Any  # nnx.State, sharded on run.mesh
-  tokenizer: tokenizers.Tokenizer
-
-  @property
-  def model(self) -> lm.Decoder:
-    """The decoder holding the restored params (shared, not copied)."""
-    return nnx.merge(self.run.graphdef, self.params)
-
-
-def restore(workdir: str, devices: Sequence[jax.Device] | None = None) -> Restored:
-  """The latest checkpoint of a training workdir on the config's mesh over `devices`
-  (default: all); a one-line error when there is none."""
-  config = config_lib.from_json(os.path.join(workdir, "config.json"))
-  config.model.layers_mode = "unrolled"
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoints):  # do not let Orbax create it in someone's folder
-    raise ConfigError(f"no checkpoint in {checkpoints}: train this workdir first")
-  mesh = sharding.make_mesh(config.mesh, None if devices is None else list(devices))
-  run = state.setup(config, mesh)
-  ckpt = checkpoint.Checkpointer(checkpoints, config.train.keep_checkpoints)
-  try:
-    step, restored = ckpt.restore_latest(run.abstract_state, relayout=state.relayout(config, run))
-  finally:
-    ckpt.close()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {checkpoints}: train this workdir first")
-  tokenizer = tokenizers.make_tokenizer(config.data)
-  return Restored(config, step, run, restored["params"], tokenizer)
-
-
 def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, Any]:
-  """Restore the latest checkpoint of a training workdir and evaluate it."""
-  r = restore(workdir)
-  split = split or r.config.data.eval_split
-  eval_step = make_eval_step(r.run.graphdef, r.tokenizer.bytes_per_token)
-  row = evaluate(r.config, eval_step, r.params, r.run.batch_sharding, split)
-  row = dict(step=r.step, split=split, **row)
-  with open(os.path.join(workdir, f"eval_{split}_{r.step}.json"), "w") as f:
-    json.dump(row, f)
+  """Restore the latest checkpoint of a training workdir and evaluate it (also written to
+  eval_SPLIT_STEP.json)."""
+  restored = restore.latest(workdir)
+  split = split or restored.config.data.eval_split
+  eval_step = make_eval_step(restored.graphdef, restored.tokenizer.bytes_per_token)
+  row = evaluate(restored.config, eval_step, restored.params, restored.batch_sharding, split)
+  row = dict(step=restored.step, split=split, **row)
+  if jax.process_index() == 0:
+    workdir_lib.write_evaluation(workdir, row)
   return row
 
 
@@ -157,9 +116,9 @@ def evaluate_tasks(
   """Zero-shot tasks on a workdir's latest checkpoint: {TASK: metrics}, also written to
   tasks_STEP.json, metrics.jsonl (split "task:NAME") and, for niah, niah_STEP.png."""
   names = tasks.parse_tasks(names, data_dir)  # task files are checked before any restore
-  r = restore(workdir)
-  seq_len = r.config.train.seq_len
-  scorer = tasks.Scorer(r.model, seq_len, batch_size)
+  restored = restore.latest(workdir)
+  seq_len = restored.config.train.seq_len
+  scorer = tasks.Scorer(restored.model, seq_len, batch_size)
   grid = tasks.Niah(
     tuple(niah_lengths) or tasks.default_niah_lengths(seq_len),
     tuple(niah_depths),
@@ -171,21 +130,14 @@ def evaluate_tasks(
   results = {}
   for name in names:
     kwargs = dict(limit=limit, stride=stride, grid=grid)
-    results[name] = tasks.run(scorer, r.tokenizer, name, data_dir or "", **kwargs)
+    results[name] = tasks.run(scorer, restored.tokenizer, name, data_dir or "", **kwargs)
   if jax.process_index() == 0:
-    write_task_results(workdir, r.step, results)
+    write_task_results(workdir, restored.step, results)
   return results
 
 
 def write_task_results(workdir: str, step: int, results: dict[str, dict[str, Any]]) -> None:
-  path = os.path.join(workdir, f"tasks_{step}.json")
-  merged = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      merged = json.load(f)
-  merged.update(results)
-  with open(path, "w") as f:
-    json.dump(merged, f, indent=1)
+  workdir_lib.write_tasks(workdir, step, results)
   writer = metrics.MetricsWriter(workdir)
   try:
     for name, result in results.items():
@@ -194,7 +146,7 @@ def write_task_results(workdir: str, step: int, results: dict[str, dict[str, Any
   finally:
     writer.close()
   if "niah" in results:
-    png = os.path.join(workdir, f"niah_{step}.png")
+    png = workdir_lib.niah_path(workdir, step)
     tasks.niah_heatmap(results["niah"], png, f"passkey retrieval, {workdir} step {step}")
 
 

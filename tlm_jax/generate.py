@@ -4,7 +4,7 @@
         --temperature 0 --top_k 0 --top_p 1 --seed 0 --stop STR] [--json]
 
 `generate` (text in and out) and `generate_tokens` (ids) run on any model, e.g.
-`evaluate.restore(workdir).model` on the mesh its checkpoint was restored onto.
+`restore.latest(workdir).model` on the mesh its checkpoint was restored onto.
 Temperature 0 is greedy; otherwise top-k, then top-p (nucleus) filtering, then
 a draw whose key depends only on the seed, the row and the position.
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tlm_jax import cli, evaluate
+from tlm_jax import cli, restore
 from tlm_jax.data.tokenizers import Tokenizer
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
@@ -245,7 +245,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 def main(argv: Sequence[str]) -> None:
   del argv
   check_sampling(_MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  restored = evaluate.restore(_WORKDIR.value)
+  restored = restore.latest(_WORKDIR.value)
   (completion,) = generate(
     restored.model,
     restored.tokenizer,

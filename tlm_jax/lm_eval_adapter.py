@@ -34,7 +34,7 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from tlm_jax import evaluate, generate, tasks
+from tlm_jax import generate, restore, tasks
 from tlm_jax.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ class TlmJaxLM(LM):
   ):
     super().__init__()
     del unused
-    restored = evaluate.restore(workdir)
+    restored = restore.latest(workdir)
     self.workdir, self.step = workdir, restored.step
     self.tokenizer, self.model = restored.tokenizer, restored.model
     self.seq_len = restored.config.train.seq_len

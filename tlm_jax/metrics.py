@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from typing import Any
 
@@ -13,6 +11,7 @@ import ml_collections
 from tqdm import tqdm
 
 from tlm_jax import sharding, state
+from tlm_jax import workdir as workdir_lib
 
 # How `flops_per_token` (tlm_jax/model/costs.py), and so every MFU here, counts.
 MFU_CONVENTION = (
@@ -68,11 +67,11 @@ def xla_flops_per_token(config: ml_collections.ConfigDict, compiled: bool = True
   config.train.grad_accum = 1
   config.model.layers_mode = "unrolled"
   config.model.titans.unroll = config.model.hope.unroll = True
-  run = state.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  setup = state.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   tcfg = config.train
   shape = (tcfg.batch_size, tcfg.seq_len)
-  tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
-  program = run.train_step.lower(run.abstract_state, dict(inputs=tokens, targets=tokens))
+  tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding)
+  program = setup.train_step.lower(setup.abstract_state, dict(inputs=tokens, targets=tokens))
   cost = program.compile().cost_analysis() if compiled else program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost["flops"] / (tcfg.batch_size * tcfg.seq_len)
@@ -87,14 +86,13 @@ class MetricsWriter:
       return
     from tensorboardX import SummaryWriter
 
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.workdir = workdir
+    self.tensorboard = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    workdir_lib.append_metrics(self.workdir, row)
     prefix = row.get("split", "train")
     for key, value in row.items():
       if isinstance(value, (int, float)) and key != "step":
@@ -137,8 +135,3 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]

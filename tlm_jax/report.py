@@ -25,11 +25,9 @@ keys sorted, runs ordered by name, no timestamps.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from tlm_jax import cli, taper
 from tlm_jax import config as config_lib
+from tlm_jax import workdir as workdir_lib
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import budget, registry
 from tlm_jax.spec import TaperSpec
@@ -86,40 +85,24 @@ def find_workdirs(paths: Sequence[str]) -> list[tuple[str, str]]:
       raise ConfigError(f"{top} is not a folder: give workdirs or sweep roots")
     base = os.path.basename(os.path.abspath(top))
     prefix = f"{base}/" if len(paths) > 1 else ""
-    if _is_workdir(top):
+    if workdir_lib.is_workdir(top):
       add(base, top)
       continue
     for folder, subdirs, _ in os.walk(top):
       subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "report")
-      if _is_workdir(folder):
+      if workdir_lib.is_workdir(folder):
         add(prefix + os.path.relpath(folder, top), folder)
         subdirs[:] = []
     sweep = os.path.join(top, "sweep.json")
-    for run in _read_json(sweep).get("runs", []) if os.path.exists(sweep) else []:
-      if prefix + run["name"] not in found:
-        add(prefix + run["name"], os.path.join(top, run["name"]))
+    if os.path.exists(sweep):
+      with open(sweep) as f:
+        listed = json.load(f).get("runs", [])
+      for entry in listed:
+        if prefix + entry["name"] not in found:
+          add(prefix + entry["name"], os.path.join(top, entry["name"]))
   if not found:
     raise ConfigError(f"no workdirs (folders with config.json or metrics.jsonl) in {list(paths)}")
   return sorted(found.items())
-
-
-def _is_workdir(folder: str) -> bool:
-  return any(os.path.exists(os.path.join(folder, f)) for f in ("config.json", "metrics.jsonl"))
-
-
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _latest_json(workdir: str, prefix: str) -> Any | None:
-  """The content of the highest-step PREFIX_STEP.json in a workdir (e.g. tasks_STEP.json)."""
-  found = []
-  for path in glob.glob(os.path.join(workdir, f"{prefix}_*.json")):
-    match = re.fullmatch(rf"{prefix}_(\d+)\.json", os.path.basename(path))
-    if match:
-      found.append((int(match.group(1)), path))
-  return _read_json(max(found)[1]) if found else None
 
 
 def _finite(row: dict[str, Any]) -> bool:
@@ -131,26 +114,15 @@ def _finite(row: dict[str, Any]) -> bool:
 def load_run(name: str, workdir: str) -> dict[str, Any]:
   """One workdir: its config, widths, final validation row, curve, tasks and status."""
   run: dict[str, Any] = dict(name=name, workdir=workdir, status="ok", reason=None)
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    return dict(run, status="left out", reason="not started (no config.json)")
-  config = config_lib.from_json(config_path)
+  if not workdir_lib.has_config(workdir):
+    return dict(run, status="left out", reason=f"not started (no {workdir_lib.CONFIG})")
+  config = workdir_lib.read_config(workdir)
   run["config"] = config
-  widths_path = os.path.join(workdir, "widths.json")
-  run["widths"] = (
-    _read_json(widths_path) if os.path.exists(widths_path) else taper.widths_from_config(config)
-  )
+  run["widths"] = workdir_lib.read_widths(workdir) or taper.widths_from_config(config)
   steps, split = config.train.steps, config.data.eval_split
-  rows = []
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  train_rows = [r for r in rows if "split" not in r]
-  evals = {r["step"]: r for r in rows if r.get("split") == split}
-  # An evaluation CLI file counts where training did not evaluate at that step.
-  for path in glob.glob(os.path.join(workdir, f"eval_{split}_*.json")):
-    row = _read_json(path)
-    evals.setdefault(row["step"], row)
+  rows = workdir_lib.read_metrics(workdir)
+  train_rows = workdir_lib.training_rows(workdir)
+  evals = workdir_lib.evaluations(workdir, split)
   tokens_per_step = config.train.batch_size * config.train.seq_len
   run["curve"] = [
     (step * tokens_per_step, evals[step]["loss"]) for step in sorted(evals) if _finite(evals[step])
@@ -159,7 +131,7 @@ def load_run(name: str, workdir: str) -> dict[str, Any]:
   run["step"] = last_step
   run["tokens_seen"] = train_rows[-1]["tokens_seen"] if train_rows else None
   if not rows:
-    return dict(run, status="left out", reason="no metrics.jsonl rows")
+    return dict(run, status="left out", reason=f"no {workdir_lib.METRICS} rows")
   bad = next((r for r in train_rows + list(evals.values()) if not _finite(r)), None)
   if bad is not None:
     return dict(run, status="left out", reason=f"diverged (non-finite loss at step {bad['step']})")
@@ -174,11 +146,9 @@ def load_run(name: str, workdir: str) -> dict[str, Any]:
   if steps not in evals:
     return dict(run, status="left out", reason=f"no {split} loss at the final step {steps}")
   run["final"] = {k: float(evals[steps][k]) for k in METRICS}
-  run["tasks"] = _latest_json(workdir, "tasks") or {}
-  alignment_path = os.path.join(workdir, "analysis_alignment.json")
-  run["alignment"] = (
-    _mlp_cosines(_read_json(alignment_path)) if os.path.exists(alignment_path) else None
-  )
+  run["tasks"] = workdir_lib.latest_tasks(workdir) or {}
+  alignment = workdir_lib.read_analysis(workdir, "alignment")
+  run["alignment"] = None if alignment is None else _mlp_cosines(alignment)
   return run
 
 

@@ -2,8 +2,9 @@
 
 `setup(config, mesh)` is the one place the runtime checks a config (every
 section, and what depends on the mesh), computes the per-layer widths and
-builds the model graph; train, evaluate, aot, bench and the tests read its
-fields by name.
+builds the model graph; train, aot, bench and the tests read its fields by
+name. `abstract_params` is its params alone, checked the same way: what the
+tools that do not train restore into.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tlm_jax import config as config_lib
-from tlm_jax import optim, sharding, taper, xshape
-from tlm_jax.config import ModelSpec
+from tlm_jax import optim, sharding, taper
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm
+from tlm_jax.model import budget, lm
+from tlm_jax.spec import ModelSpec
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> lm.Decoder:
@@ -101,17 +102,13 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
       opt_state=tx.init(params),
     )
 
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    jax.eval_shape(init),
-    state_sh,
-  )
+  abstract = _placed(jax.eval_shape(init), state_sh)
   batch_sh = sharding.batch_sharding(mesh)
   return Setup(
     spec=spec,
     widths=tuple(widths),
     residual_widths=tuple(residual),
-    flops_per_token=xshape.flops_per_token(spec, widths, residual, config.train.seq_len),
+    flops_per_token=budget.flops_per_token(spec, widths, residual, config.train.seq_len),
     mesh=mesh,
     graphdef=graphdef,
     init_fn=jax.jit(init, out_shardings=state_sh),
@@ -122,22 +119,47 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   )
 
 
-def relayout(config: ml_collections.ConfigDict, run: Setup) -> Callable:
-  """checkpoint.Relayout for `run` (set up from `config`): a checkpoint saved in the other
-  model.layers_mode (its params hold `stacks`, not `blocks`, or the reverse) restores into
-  that mode's abstract state, then params and Adam's moments are restacked and placed on
-  `run`'s shardings. Train resume and evaluate.restore both go through here."""
-  groups = lm.layer_groups(list(zip(run.residual_widths, run.widths)), "grouped")
-  convert = lm.stack_layers if run.spec.layers_mode == "grouped" else lm.unstack_layers
+def abstract_params(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
+  """The decoder's graph and its params as ShapeDtypeStructs on `mesh`'s shardings, the config
+  checked as `setup` checks it: what a tool that does not train restores into (no optimizer,
+  nothing allocated)."""
+  config_lib.validate(config)
+  check_mesh(config, mesh)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config)))
+  return graphdef, _placed(params, sharding.state_shardings(params, mesh))
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
+def relayout(config: ml_collections.ConfigDict, mesh: Mesh, params_only: bool = False) -> Callable:
+  """checkpoint.Relayout for a model set up from `config` on `mesh`: a checkpoint saved in the
+  other model.layers_mode (its params hold `stacks`, not `blocks`, or the reverse) restores
+  into that mode's abstract state (the train state, or with `params_only` the params alone),
+  then params (and Adam's moments) are restacked and placed on this mode's shardings. Train
+  resume and restore.latest both go through here."""
+
+  def abstract(cfg: ml_collections.ConfigDict) -> Any:
+    return (
+      dict(params=abstract_params(cfg, mesh)[1]) if params_only else setup(cfg, mesh).abstract_state
+    )
 
   def other_layout(saved: Mapping) -> tuple[Any, Callable] | None:
+    mode = config.model.layers_mode
     saved_mode = "grouped" if "stacks" in saved["params"] else "unrolled"
-    if saved_mode == run.spec.layers_mode:
+    if saved_mode == mode:
       return None
     as_saved = config.copy_and_resolve_references()
     as_saved.model.layers_mode = saved_mode
-    abstract = setup(as_saved, run.mesh).abstract_state
-    return abstract, lambda s: jax.device_put(convert(s, groups), run.state_shardings)
+    spec = config_lib.model_spec(config)
+    residual, widths = taper.plan(spec, config_lib.tensor_parallel_size(config))
+    groups = lm.layer_groups(list(zip(residual, widths)), "grouped")
+    convert = lm.stack_layers if mode == "grouped" else lm.unstack_layers
+    shardings = jax.tree.map(lambda x: x.sharding, abstract(config))
+    return abstract(as_saved), lambda s: jax.device_put(convert(s, groups), shardings)
 
   return other_layout
 

@@ -23,14 +23,8 @@ from jax.experimental import multihost_utils
 
 from tlm_jax import checkpoint, cli, evaluate, metrics, optim, prefetch, sharding, state
 from tlm_jax import config as config_lib
+from tlm_jax import workdir as workdir_lib
 from tlm_jax.data import pipeline, tokenizers
-
-
-def write_run_files(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[int]) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  with open(os.path.join(workdir, "widths.json"), "w") as f:
-    json.dump(list(widths), f)
 
 
 class Preemption:
@@ -74,33 +68,35 @@ def _train(
 ) -> dict[str, Any]:
   sharding.initialize_distributed(config.distributed)
   mesh = sharding.make_mesh(config.mesh)
-  run = state.setup(config, mesh)
+  setup = state.setup(config, mesh)
   tcfg = config.train
   is_main = jax.process_index() == 0
   tokenizer = tokenizers.make_tokenizer(config.data)
   config_lib.check_vocab(config, tokenizer.vocab_size)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    write_run_files(config, workdir, run.widths)
+    workdir_lib.write_config(workdir, config)
+    workdir_lib.write_widths(workdir, setup.widths)
 
   lr_at = optim.learning_rate_schedule(tcfg)
-  eval_fn = evaluate.make_eval_step(run.graphdef, tokenizer.bytes_per_token)
+  eval_fn = evaluate.make_eval_step(setup.graphdef, tokenizer.bytes_per_token)
   data_iter = pipeline.make_iterator(
     config, "train", process_index=jax.process_index(), process_count=jax.process_count()
   )
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints)
+  checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
+  ckpt = checkpoint.Checkpointer(checkpoints, tcfg.keep_checkpoints)
   stack.callback(ckpt.close)
   stack.callback(ckpt.wait)  # runs first: pending async saves finish before closing
   start, train_state = ckpt.restore_latest(
-    run.abstract_state, data_iter, state.relayout(config, run)
+    setup.abstract_state, data_iter, state.relayout(config, mesh)
   )
   if start is None:
-    start, train_state = 0, run.init_fn()
+    start, train_state = 0, setup.init_fn()
   elif is_main:
     print(f"resuming from step {start} in {workdir}", flush=True)
   batches = stack.enter_context(
-    contextlib.closing(prefetch.batches(data_iter, run.batch_sharding, tcfg.prefetch))
+    contextlib.closing(prefetch.batches(data_iter, setup.batch_sharding, tcfg.prefetch))
   )
 
   writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, enabled=is_main)))
@@ -114,7 +110,7 @@ def _train(
 
   def run_eval(step):
     split = config.data.eval_split
-    row = evaluate.evaluate(config, eval_fn, train_state["params"], run.batch_sharding, split)
+    row = evaluate.evaluate(config, eval_fn, train_state["params"], setup.batch_sharding, split)
     row = dict(step=step, split=split, **row)
     writer.write(row)
     progress.write(
@@ -126,7 +122,7 @@ def _train(
   while step < tcfg.steps:
     batch, data_state = next(batches)
     step_start = time.perf_counter()
-    train_state, out = run.train_step(train_state, batch)
+    train_state, out = setup.train_step(train_state, batch)
     step += 1
     if step == start + 1:  # it compiled the step
       jax.block_until_ready(out)
@@ -164,7 +160,7 @@ def _train(
         learning_rate=float(lr_at(step - 1)),
         tokens_seen=step * tokens_per_step,
         tokens_per_sec=tokens_per_sec,
-        mfu=metrics.mfu(run.flops_per_token, tokens_per_sec, jax.device_count(), peak),
+        mfu=metrics.mfu(setup.flops_per_token, tokens_per_sec, jax.device_count(), peak),
       )
       writer.write(last_train)
       progress.update(last_train)

@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tlm_jax import cli
+from tlm_jax import cli, restore
 from tlm_jax.analysis import blocks, load
 from tlm_jax.model import lm
 
@@ -83,11 +83,11 @@ def analyze_model(model: lm.Decoder, batches: Sequence[dict[str, np.ndarray]]) -
   return dict(tokens=count, widths=[int(w) for w in model.widths], layers=layers)
 
 
-def analyze(run: load.Run, batches: int, batch_size: int) -> dict[str, Any]:
-  data = load.validation_batches(run.config, batches, batch_size)
-  result = analyze_model(run.model, data)
-  info = dict(workdir=run.workdir, label=run.label, step=run.step)
-  return dict(**info, backbone=run.config.model.backbone, **result)
+def analyze(restored: restore.Restored, batches: int, batch_size: int) -> dict[str, Any]:
+  data = load.validation_batches(restored.config, batches, batch_size)
+  result = analyze_model(restored.model, data)
+  info = dict(workdir=restored.workdir, label=restored.label, step=restored.step)
+  return dict(**info, backbone=restored.config.model.backbone, **result)
 
 
 def plot(results: Sequence[dict[str, Any]]) -> Figure:
@@ -125,8 +125,8 @@ def plot(results: Sequence[dict[str, Any]]) -> Figure:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  runs = map(load.restore, load.workdir_list(_WORKDIR.value))
-  results = [analyze(run, _BATCHES.value, _BATCH_SIZE.value) for run in runs]
+  workdirs = load.workdir_list(_WORKDIR.value)
+  results = [analyze(restore.latest(w), _BATCHES.value, _BATCH_SIZE.value) for w in workdirs]
   fig = plot(results)
   written = []
   for result in results:

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from tlm_jax import cli, generate
+from tlm_jax import cli, generate, restore
 from tlm_jax.analysis import blocks, load, lora
 from tlm_jax.data import tokenizers
 from tlm_jax.errors import ConfigError
@@ -268,24 +268,30 @@ def check_settings(directory: str, settings: lora.Settings, data: str) -> None:
 
 
 def analyze(
-  run: load.Run, data: str, settings: lora.Settings, text_field: str = "text", **kwargs: Any
+  restored: restore.Restored,
+  data: str,
+  settings: lora.Settings,
+  text_field: str = "text",
+  **kwargs: Any,
 ) -> dict[str, Any]:
   """Hyperfit a workdir's model on --data, adapters and checkpoints in W/hyperfit/."""
   texts = lora.read_texts(data, text_field)
-  directory = os.path.join(run.workdir, "hyperfit")
+  directory = os.path.join(restored.workdir, "hyperfit")
   check_settings(directory, settings, data)
-  tokenizer = tokenizers.make_tokenizer(run.config.data)
+  tokenizer = tokenizers.make_tokenizer(restored.config.data)
   result, _ = analyze_model(
-    run.model,
+    restored.model,
     tokenizer,
     texts,
     settings,
-    run.config.train.seq_len,
+    restored.config.train.seq_len,
     directory=os.path.join(directory, "checkpoints"),
     **kwargs,
   )
-  info = dict(workdir=run.workdir, label=run.label, step=run.step, data=os.path.abspath(data))
-  return dict(**info, backbone=run.config.model.backbone, **result)
+  info = dict(
+    workdir=restored.workdir, label=restored.label, step=restored.step, data=os.path.abspath(data)
+  )
+  return dict(**info, backbone=restored.config.model.backbone, **result)
 
 
 def plot(result: dict[str, Any]) -> Figure:
@@ -316,7 +322,7 @@ def plot(result: dict[str, Any]) -> Figure:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  run = load.restore(_WORKDIR.value)
+  restored = restore.latest(_WORKDIR.value)
   settings = lora.Settings(
     layers=_LAYERS.value,
     rank=_RANK.value,
@@ -327,7 +333,7 @@ def main(argv: Sequence[str]) -> None:
     seed=_SEED.value,
   )
   result = analyze(
-    run,
+    restored,
     _DATA.value,
     settings,
     _TEXT_FIELD.value,
@@ -336,8 +342,8 @@ def main(argv: Sequence[str]) -> None:
     new_tokens=_NEW_TOKENS.value,
     temperature=_TEMPERATURE.value,
   )
-  print(load.write_json(run.workdir, "hyperfit", result))
-  print(load.save_figure(plot(result), run.workdir, "hyperfit"))
+  print(load.write_json(restored.workdir, "hyperfit", result))
+  print(load.save_figure(plot(result), restored.workdir, "hyperfit"))
 
 
 if __name__ == "__main__":

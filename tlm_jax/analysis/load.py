@@ -1,5 +1,5 @@
-"""What every analysis reads and writes: a workdir's trained decoder, validation windows,
-`analysis_NAME.json` and `analysis_NAME.png`.
+"""What every analysis reads and writes besides the restored workdir (tlm_jax/restore.py):
+validation windows, `analysis_NAME.json` and `analysis_NAME.png`.
 
 Figures are plain `matplotlib.figure.Figure`s (no pyplot, no global backend),
 so a notebook can show what a CLI saves, and saving needs no display.
@@ -7,48 +7,16 @@ so a notebook can show what a CLI saves, and saving needs no display.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
-import os
-from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlm_jax import evaluate
+from tlm_jax import workdir as workdir_lib
 from tlm_jax.data import pipeline
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """A trained workdir: its config, the step restored, and the decoder at that step."""
-
-  workdir: str
-  config: ml_collections.ConfigDict
-  step: int
-  model: lm.Decoder
-
-  @property
-  def label(self) -> str:
-    """Folder name and taper, for legends: 'w (cosine 1.5->0.5)'."""
-    taper = self.config.model.taper
-    shape = taper.schedule
-    if shape in ("cosine", "linear", "sigmoid", "stepped"):
-      shape += f" {taper.start:g}->{taper.end:g}"
-    return f"{os.path.basename(os.path.normpath(self.workdir))} ({shape})"
-
-
-def restore(workdir: str, devices: Sequence[jax.Device] | None = None) -> Run:
-  """The latest checkpoint of a training workdir as a Decoder, laid out as in training on
-  the config's mesh over `devices` (default: all), which must fit that mesh."""
-  restored = evaluate.restore(workdir, devices)
-  return Run(workdir, restored.config, restored.step, restored.model)
 
 
 def validation_batches(
@@ -67,19 +35,12 @@ def validation_batches(
   return list(itertools.islice(data_iter, batches))
 
 
-def output_path(workdir: str, name: str, suffix: str) -> str:
-  return os.path.join(workdir, f"analysis_{name}.{suffix}")
-
-
 def write_json(workdir: str, name: str, result: dict[str, Any]) -> str:
-  path = output_path(workdir, name, "json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
-  return path
+  return workdir_lib.write_analysis(workdir, name, result)
 
 
 def save_figure(fig: Figure, workdir: str, name: str) -> str:
-  path = output_path(workdir, name, "png")
+  path = workdir_lib.analysis_path(workdir, name, "png")
   fig.savefig(path, dpi=120, bbox_inches="tight")
   return path
 

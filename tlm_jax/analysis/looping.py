@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlm_jax import cli
+from tlm_jax import cli, restore
 from tlm_jax.analysis import blocks, load
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
@@ -160,11 +160,13 @@ def analyze_model(
   )
 
 
-def analyze(run: load.Run, batches: int, batch_size: int, **kwargs: Any) -> dict[str, Any]:
-  data = load.validation_batches(run.config, batches, batch_size)
-  result = analyze_model(run.model, data, **kwargs)
-  info = dict(workdir=run.workdir, label=run.label, step=run.step)
-  return dict(**info, backbone=run.config.model.backbone, **result)
+def analyze(
+  restored: restore.Restored, batches: int, batch_size: int, **kwargs: Any
+) -> dict[str, Any]:
+  data = load.validation_batches(restored.config, batches, batch_size)
+  result = analyze_model(restored.model, data, **kwargs)
+  info = dict(workdir=restored.workdir, label=restored.label, step=restored.step)
+  return dict(**info, backbone=restored.config.model.backbone, **result)
 
 
 def plot(result: dict[str, Any]) -> Figure:
@@ -192,9 +194,9 @@ def plot(result: dict[str, Any]) -> Figure:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  run = load.restore(_WORKDIR.value)
+  restored = restore.latest(_WORKDIR.value)
   result = analyze(
-    run,
+    restored,
     _BATCHES.value,
     _BATCH_SIZE.value,
     start=_START.value,
@@ -203,8 +205,8 @@ def main(argv: Sequence[str]) -> None:
     position_loops=_POSITION_LOOPS.value,
     beta=_BETA.value,
   )
-  print(load.write_json(run.workdir, "looping", result))
-  print(load.save_figure(plot(result), run.workdir, "looping"))
+  print(load.write_json(restored.workdir, "looping", result))
+  print(load.save_figure(plot(result), restored.workdir, "looping"))
 
 
 if __name__ == "__main__":

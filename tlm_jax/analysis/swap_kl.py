@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlm_jax import cli
+from tlm_jax import cli, restore
 from tlm_jax.analysis import blocks, load
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
@@ -204,12 +204,17 @@ def analyze_model(
 
 
 def analyze(
-  run: load.Run, batches: int, batch_size: int, max_remove: int, random_trials: int, seed: int
+  restored: restore.Restored,
+  batches: int,
+  batch_size: int,
+  max_remove: int,
+  random_trials: int,
+  seed: int,
 ) -> dict[str, Any]:
-  data = load.validation_batches(run.config, batches, batch_size)
-  result = analyze_model(run.model, data, max_remove, random_trials, seed)
-  info = dict(workdir=run.workdir, label=run.label, step=run.step)
-  return dict(**info, backbone=run.config.model.backbone, **result)
+  data = load.validation_batches(restored.config, batches, batch_size)
+  result = analyze_model(restored.model, data, max_remove, random_trials, seed)
+  info = dict(workdir=restored.workdir, label=restored.label, step=restored.step)
+  return dict(**info, backbone=restored.config.model.backbone, **result)
 
 
 def plot(result: dict[str, Any]) -> Figure:
@@ -252,12 +257,17 @@ def plot(result: dict[str, Any]) -> Figure:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  run = load.restore(_WORKDIR.value)
+  restored = restore.latest(_WORKDIR.value)
   result = analyze(
-    run, _BATCHES.value, _BATCH_SIZE.value, _MAX_REMOVE.value, _RANDOM_TRIALS.value, _SEED.value
+    restored,
+    _BATCHES.value,
+    _BATCH_SIZE.value,
+    _MAX_REMOVE.value,
+    _RANDOM_TRIALS.value,
+    _SEED.value,
   )
-  print(load.write_json(run.workdir, "swap_kl", result))
-  print(load.save_figure(plot(result), run.workdir, "swap_kl"))
+  print(load.write_json(restored.workdir, "swap_kl", result))
+  print(load.save_figure(plot(result), restored.workdir, "swap_kl"))
 
 
 if __name__ == "__main__":
