@@ -16,11 +16,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from tlm_jax import cli, xshape
+from tlm_jax import cli, presets, xshape
 from tlm_jax import config as config_lib
-from tlm_jax.config import SMOOTH_SCHEDULES, ModelSpec, TaperSpec
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import costs
+from tlm_jax.model import budget
+from tlm_jax.spec import SMOOTH_SCHEDULES, ModelSpec, TaperSpec
 
 
 def rounding_multiple(tile: int, tensor_parallel: int = 1) -> int:
@@ -97,7 +97,7 @@ def ideal_widths(
     ratios = [r / mean for r in ratios]
   else:
     ratios = [r + 1 - mean for r in ratios]
-    if min(ratios) <= 0:
+    if min(ratios) <= 1e-9:  # zero up to float noise, whichever end the profile starts at
       raise ConfigError(
         f"model.taper.renormalize='shift' drives a layer's width to {min(ratios):.3f}x of "
         "the base: the ratios cannot meet the budget this way; use renormalize='scale' "
@@ -116,6 +116,11 @@ def _direction(values: Sequence[float]) -> int:
   return -1 if down else (1 if up else 0)
 
 
+# The repair sees the ideal rounded to 1/GRID of a tile: far finer than any width choice,
+# far coarser than float noise, so choices equally good in exact arithmetic tie exactly.
+GRID = 2**24
+
+
 def repair_to_budget(
   ideal: Sequence[float], sizes: Sequence[int], total: int, multiple: int
 ) -> list[int]:
@@ -127,28 +132,42 @@ def repair_to_budget(
   `ideal` is, and the squared error to the ideal (weighted by group size) is
   smallest. A dynamic program over groups with state (running total, last
   width): small because each group has few candidates.
+
+  Ties. The error is computed in integers on the ideal rounded to 1/GRID of a
+  tile, so equally good choices tie exactly whatever float noise the ideal
+  carries. The groups are read from the end whose ideal is larger
+  (lexicographically; as given for a palindrome), and a tie goes to the
+  smallest widths first in that reading. So the repair does not depend on the
+  order the layers are listed in: a reversed ideal gives the reversed widths,
+  and a taper and its mirror image (`cosine` 1.5->0.5, `reverse` 0.5->1.5) get
+  mirrored widths. On a monotone taper a tie between the two ends rounds the
+  wide end down and the narrow end up, towards the base width.
   """
   if total % multiple:
     raise ConfigError(
       f"the MLP budget ({total} = layers x model.mlp_width) is not a multiple of the "
       f"rounding multiple {multiple} (model.taper.tile, and mesh.tensor when set)"
     )
-  units = [w / multiple for w in ideal]
+  ideal, sizes = list(ideal), list(sizes)
+  units = [round(w * GRID / multiple) for w in ideal]  # in 1/GRID tiles
+  flip = list(zip(units, sizes))[::-1] > list(zip(units, sizes))
+  if flip:
+    ideal, sizes, units = ideal[::-1], sizes[::-1], units[::-1]
   target = total // multiple
   direction = _direction(ideal)
   reach = max(sizes)
   options = []
   for u in units:
-    low = max(1, math.floor(u) - reach)
-    options.append(list(range(low, max(low, math.ceil(u) + reach) + 1)))
+    low = max(1, u // GRID - reach)
+    options.append(list(range(low, max(low, -(-u // GRID) + reach) + 1)))
   # Reachable range of the remaining groups, to prune hopeless partial sums.
   rest_lo, rest_hi = [0] * (len(units) + 1), [0] * (len(units) + 1)
   for g in range(len(units) - 1, -1, -1):
     rest_lo[g] = rest_lo[g + 1] + sizes[g] * options[g][0]
     rest_hi[g] = rest_hi[g + 1] + sizes[g] * options[g][-1]
-  states: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {(0, 0): (0.0, ())}
+  states: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {(0, 0): (0, ())}
   for g, (u, n) in enumerate(zip(units, sizes)):
-    nxt: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
+    nxt: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}
     for (run, last), (cost, path) in states.items():
       for w in options[g]:
         if g and direction < 0 and w > last or g and direction > 0 and w < last:
@@ -156,7 +175,7 @@ def repair_to_budget(
         new_run = run + n * w
         if not rest_lo[g + 1] <= target - new_run <= rest_hi[g + 1]:
           continue
-        key, cand = (new_run, w), (cost + n * (w - u) ** 2, path + (w,))
+        key, cand = (new_run, w), (cost + n * (w * GRID - u) ** 2, path + (w,))
         if key not in nxt or cand < nxt[key]:
           nxt[key] = cand
     states = nxt
@@ -168,7 +187,8 @@ def repair_to_budget(
       "add up: lower model.taper.tile, raise model.mlp_width, or (stepped) change "
       "model.taper.steps"
     )
-  return [w * multiple for w in min(finals)[1]]
+  widths = [w * multiple for w in min(finals)[1]]
+  return widths[::-1] if flip else widths
 
 
 def layer_widths(
@@ -233,6 +253,19 @@ def uniform_twin(config: Any) -> Any:
   return twin
 
 
+def describe(spec: TaperSpec) -> str:
+  """The taper's label in reports and legends: its preset name (presets.TAPERS) where the
+  fields match one, else the schedule and its ratios ('cosine 1.2->0.8')."""
+  for name, fields in presets.TAPERS.items():
+    if all(getattr(spec, k) == v for k, v in fields.items()):
+      return name
+  if spec.schedule in (*SMOOTH_SCHEDULES, "stepped"):
+    return f"{spec.schedule} {spec.start:g}->{spec.end:g}"
+  if spec.schedule == "thirds":
+    return "thirds " + "/".join(f"{x:g}" for x in spec.thirds)
+  return spec.schedule
+
+
 def parity_report(config: Any) -> dict[str, Any]:
   """Per-layer params, FLOPs and KV-cache bytes of a config next to its uniform twin."""
   spec = config_lib.model_spec(config)
@@ -243,21 +276,21 @@ def parity_report(config: Any) -> dict[str, Any]:
   seq_len = config.train.seq_len
   layers = []
   for l, (d, w) in enumerate(zip(residual, widths)):
-    layer = xshape.layer_spec(spec, d)
+    layer = spec.at_width(d)
     layers.append(
       dict(
         layer=l,
         residual_width=d,
         width=w,
         ratio=w / spec.mlp_width,
-        mlp_params=costs.mlp_params(layer, w),
-        layer_params=costs.layer_params(layer, w),
-        flops_per_token=costs.layer_flops_per_token(layer, w, seq_len),
-        kv_cache_bytes_per_token=xshape.kv_cache_bytes_per_token(spec, [d]),
+        mlp_params=budget.mlp_params(layer, w),
+        layer_params=budget.layer_params(layer, w),
+        flops_per_token=budget.layer_flops_per_token(layer, w, seq_len),
+        kv_cache_bytes_per_token=budget.kv_cache_bytes_per_token(spec, [d]),
       )
     )
-  total = xshape.total_params(spec, widths, residual)
-  uniform_total = xshape.total_params(twin, twin_widths, twin_residual)
+  total = budget.total_params(spec, widths, residual)
+  uniform_total = budget.total_params(twin, twin_widths, twin_residual)
   return dict(
     schedule=config.model.taper.schedule,
     residual_schedule=spec.residual.schedule,
@@ -267,10 +300,10 @@ def parity_report(config: Any) -> dict[str, Any]:
     total_params=total,
     uniform_total_params=uniform_total,
     param_difference=total - uniform_total,
-    flops_per_token=xshape.flops_per_token(spec, widths, residual, seq_len),
-    uniform_flops_per_token=xshape.flops_per_token(twin, twin_widths, twin_residual, seq_len),
-    kv_cache_bytes_per_token=xshape.kv_cache_bytes_per_token(spec, residual),
-    uniform_kv_cache_bytes_per_token=xshape.kv_cache_bytes_per_token(twin, twin_residual),
+    flops_per_token=budget.flops_per_token(spec, widths, residual, seq_len),
+    uniform_flops_per_token=budget.flops_per_token(twin, twin_widths, twin_residual, seq_len),
+    kv_cache_bytes_per_token=budget.kv_cache_bytes_per_token(spec, residual),
+    uniform_kv_cache_bytes_per_token=budget.kv_cache_bytes_per_token(twin, twin_residual),
     seq_len=seq_len,
   )
 
