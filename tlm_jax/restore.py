@@ -18,11 +18,12 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from tlm_jax import checkpoint, sharding, state
+from tlm_jax import checkpoint, sharding, state, taper
 from tlm_jax import workdir as workdir_lib
 from tlm_jax.data import tokenizers
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
+from tlm_jax.spec import TaperSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +51,9 @@ class Restored:
 
   @property
   def label(self) -> str:
-    """Folder name and taper, for legends: 'w (cosine 1.5->0.5)'."""
-    taper = self.config.model.taper
-    shape = taper.schedule
-    if shape in ("cosine", "linear", "sigmoid", "stepped"):
-      shape += f" {taper.start:g}->{taper.end:g}"
-    return f"{os.path.basename(os.path.normpath(self.workdir))} ({shape})"
+    """Folder name and taper, for legends: 'w (cosine)', 'w (linear 1.2->0.8)'."""
+    described = taper.describe(TaperSpec.from_config(self.config.model.taper))
+    return f"{os.path.basename(os.path.normpath(self.workdir))} ({described})"
 
 
 def latest(workdir: str, devices: Sequence[jax.Device] | None = None) -> Restored:

@@ -267,7 +267,7 @@ class Decoder(nnx.Module):
       raise ConfigError(
         "this decoder holds its layers stacked per group (model.layers_mode='grouped'), not "
         "as per-layer `blocks`; lm.set_layers_mode(model, 'unrolled') converts it in place "
-        "(evaluate.restore always gives per-layer blocks)"
+        "(restore.latest always gives per-layer blocks)"
       )
     raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
