@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import difflib
 import itertools
 import json
 import os
@@ -48,8 +47,8 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from tlm_jax import cli, presets, taper
 from tlm_jax import config as config_lib
-from tlm_jax import presets, taper
 from tlm_jax import workdir as workdir_lib
 from tlm_jax.errors import ConfigError
 from tlm_jax.model import registry
@@ -215,24 +214,9 @@ def expand(blocks: list[list[str]], config: str | None, common: list[str], root:
   return runs
 
 
-def check_keys(config, overrides: list[str]) -> None:
-  """Every overridden key must exist: ml_collections would say so too, but not which key."""
-  for override in overrides:
-    key = override.removeprefix("--config.").split("=", 1)[0]
-    node, parts = config, key.split(".")
-    for i, part in enumerate(parts):
-      fields = list(node.keys()) if hasattr(node, "keys") else []
-      if part not in fields:
-        close = difflib.get_close_matches(part, fields, n=1)
-        hint = f" (did you mean {'.'.join(parts[:i] + close + parts[i + 1 :])!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{hint}")
-      node = node[part]
-
-
 def resolve(run: Run):
   """The run's config exactly as the trainer will see it, validated (widths included)."""
-  config = config_lib.load(local_config(run.config))
-  check_keys(config, list(run.overrides))
+  config = cli.load_config(local_config(run.config), cli.override_keys(run.overrides))
   argv = ["sweep", *run.overrides]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)

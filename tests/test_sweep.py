@@ -245,14 +245,20 @@ def test_a_typo_in_an_override_key_fails_before_training(tmp_path):
   base = ["launch/sweep.py", "--config", "configs/tlm_transformer.py:tiny", "--root", str(root)]
   typo_grid = run(*base, "--grid", "model.taper.shedule=uniform,cosine")
   typo_common = run(*base, "--grid", "seed=0,1", "--", "--config.train.stesp=3")
-  for result, key, hint in [
-    (typo_grid, "model.taper.shedule", "model.taper.schedule"),
-    (typo_common, "train.stesp", "train.steps"),
+  for result, key, hint, also in [
+    (
+      typo_grid,
+      "model.taper.shedule",
+      "model.taper.schedule",
+      " or 'config.model.taper.step_schedule'",
+    ),
+    (typo_common, "train.stesp", "train.steps", ""),
   ]:
     assert result.returncode == 2
+    section, typo = key.rsplit(".", 1)
     assert result.stderr.strip().splitlines() == [
-      f"error: run {'shedule=uniform' if 'shedule' in key else 'seed=0'}: unknown config key "
-      f"{key!r} (did you mean {hint!r}?)"
+      f"error: run {'shedule=uniform' if 'shedule' in key else 'seed=0'}: --config.{key}: "
+      f"config.{section} has no field {typo!r}; did you mean 'config.{hint}'{also}?"
     ]
   assert not root.exists()
 
