@@ -318,4 +318,4 @@ def test_notebooks_are_stripped_and_execute(sweep_root, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "Traceback" not in text, name
     if name == "inspect_model":
-      assert "155,968 parameters (costs.py says 155,968)" in text
+      assert "155,968 parameters (budget.py says 155,968)" in text
