@@ -11,7 +11,7 @@ from flax import nnx
 
 import helpers
 from tlm_jax import config as config_lib
-from tlm_jax import taper
+from tlm_jax import state, taper
 from tlm_jax.data import pipeline
 from tlm_jax.model import costs, hope
 
@@ -45,7 +45,7 @@ def reference(weights, w_value, u, chunk_size, lr, max_step=0.0):
   return jnp.stack(outputs)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 8, 24])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 10, 24])  # 10: 24 tokens end in part of one
 @pytest.mark.parametrize("max_step", [0.0, 0.02])
 def test_level_equals_the_sequential_rule(chunk_size, max_step):
   weights, w_value, u = level_inputs()
@@ -139,3 +139,36 @@ def test_tiny_trains_at_the_learning_rate_the_other_backbones_take(tmp_path):
   losses, _ = helpers.run_steps(cfg, batches, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.5
+
+
+def test_an_in_context_level_at_lr_0_gives_finite_gradients():
+  """The no-in-context control: the trust region's norm of a zero step had a NaN gradient
+  (62 of 71 leaves NaN with 4 layers). 20 tokens: the level at lr 3e-4 takes a zero step
+  on its partial last chunk, all padding; every level at lr 0: the next test."""
+  cfg = helpers.load_config("tlm_hope_attention", "tiny")
+  cfg.model.num_layers = 1
+  cfg.model.hope.update(inner_lrs=(0.0, 3e-4, 0.0), max_step=0.1)
+  graphdef, params = nnx.split(state.build_model(cfg))
+  tokens_BT = jax.random.randint(jax.random.key(0), (1, 20), 0, 256)
+  loss = lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p)(tokens_BT))[..., 0])
+  leaves = jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert sum(bool(jnp.any(g != 0)) for g in leaves) > len(leaves) / 2
+
+
+def test_a_level_at_lr_0_equals_the_level_without_a_trust_region():
+  """Outputs and outer gradients at inner lr 0 do not depend on max_step."""
+  weights, w_value, u = level_inputs(length=20)
+
+  def run(weights, w_value, u, max_step):
+    level = lambda w, v, u: hope.in_context_level(w, v, u, 8, 0.0, max_step)[0]
+    grads = jax.grad(lambda *args: jnp.sum(level(*args) ** 2), argnums=(0, 1, 2))
+    return level(weights, w_value, u), grads(weights, w_value, u)
+
+  run = jax.jit(run, static_argnums=3)
+  (y, grads), (y_free, grads_free) = run(weights, w_value, u, 0.1), run(weights, w_value, u, 0.0)
+  np.testing.assert_array_equal(y, y_free)
+  np.testing.assert_allclose(y, hope.swiglu(weights, u), atol=1e-6)  # start weights throughout
+  for g, g_free in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_free)):
+    assert jnp.all(jnp.isfinite(g))
+    np.testing.assert_allclose(g, g_free, rtol=1e-6, atol=1e-7)

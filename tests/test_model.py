@@ -20,6 +20,7 @@ import helpers
 from tlm_jax import state, taper
 from tlm_jax.config import model_spec
 from tlm_jax.errors import ConfigError
+from tlm_jax.model import __main__ as model_cli
 from tlm_jax.model import budget, lm
 from tlm_jax.presets import TAPERS
 from tlm_jax.spec import LAYERS_MODES
@@ -505,3 +506,45 @@ def test_width_scaled_init_evens_out_the_mlp_output_variance_across_widths(init)
     scale = [math.sqrt(cfg.model.mlp_width / w) for w in widths]
     np.testing.assert_allclose(np.array(stds) / scale, stds[0] / scale[0], rtol=0.1)
     assert 0.6 < spread < 1.6
+
+
+# ---------------------------------------------------------------------------
+# 9. Any sequence length, every backbone.
+# ---------------------------------------------------------------------------
+
+BACKBONE_CONFIGS = {
+  "transformer": ("tlm_transformer", {}),
+  "gated_attention": ("tlm_gated_attention", {}),
+  "hope_attention": ("tlm_hope_attention", {}),  # level chunks of 8 and 16
+  "titans_mag": ("tlm_titans", dict(variant="mag")),  # memory chunks of 16
+  "titans_mal": ("tlm_titans", dict(variant="mal")),
+  "titans_mac": ("tlm_titans", dict(variant="mac")),  # segments of 16
+}
+
+
+@pytest.mark.parametrize("case", BACKBONE_CONFIGS)
+def test_every_backbone_takes_any_length_and_its_padding_changes_no_output(case):
+  """21 tokens (no multiple of a chunk or segment) give the first 21 outputs of 32 tokens:
+  a memory pads its last chunk internally, and the padding comes after every real token."""
+  name, titans = BACKBONE_CONFIGS[case]
+  cfg = helpers.load_config(name, "tiny")
+  cfg.model.num_layers = 1
+  cfg.model.titans.update(titans)
+  forward = jax.jit(state.build_model(cfg))
+  tokens_BT = tokens_for(cfg, batch=1, seq=32)
+  short, long = forward(tokens_BT[:, :21]), forward(tokens_BT)
+  assert short.shape == (1, 21, cfg.model.vocab_size)
+  np.testing.assert_allclose(short, long[:, :21], atol=1e-5, rtol=1e-5)
+
+
+def test_model_summary_runs_hope_at_124m_whose_sample_is_no_multiple_of_its_chunks():
+  """`python -m tlm_jax.model` stopped at 124m-1.3b: its 141-byte sample is not a multiple of
+  the level chunk (16). The 124m shape (bf16, 128-wide levels) on two layers: seconds."""
+  cfg = helpers.load_config("tlm_hope_attention", "124m")
+  cfg.model.num_layers = 2
+  cfg.train.update(seq_len=200, batch_size=2)  # the counted train step pads too (200 = 12.5 x 16)
+  out = model_cli.summarize(cfg)
+  assert out["logits_shape"] == [1, 141, cfg.model.vocab_size]
+  assert out["params"] == out["uniform_twin_params"] == out["params_from_costs"]
+  assert out["flops_per_token"] < out["xla_flops_per_token"] < 1.25 * out["flops_per_token"]
+  assert abs(out["untrained_loss"] - out["log_vocab"]) < 1.0

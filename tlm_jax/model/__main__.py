@@ -3,12 +3,14 @@
     python -m tlm_jax.model --config configs/tlm_transformer.py:tiny [--json]
 
 Reports widths, `params` counted from the built state (and the uniform twin's,
-built the same way), `flops_per_token` (costs.py, the MFU convention: what
-train and bench use) next to `xla_flops_per_token`, XLA's count of the
-compiled train step (tlm_jax.metrics.xla_flops_per_token; it also counts
-elementwise ops, the optimizer and the masked half of causal attention, so it
-sits a little above), and the untrained next-token loss on a byte-encoded
-sample, which should sit near ln(vocab_size).
+from abstract shapes), `flops_per_token` (the MFU convention: what train and
+bench use) next to `xla_flops_per_token`, XLA's count of the lowered train
+step (tlm_jax.metrics.xla_flops_per_token; it also counts elementwise ops, the
+optimizer and the masked half of causal attention, so it sits a little above),
+and the untrained next-token loss on a byte-encoded sample, which should sit
+near ln(vocab_size). The count is taken before XLA compiles the step (within
+~1.5% of the compiled count): compiling it, with the memory chunks unrolled,
+took over 21 GB of host memory for Hope at 124m, until the OOM killer stopped it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-from tlm_jax import cli, metrics, state, taper, xshape
+from tlm_jax import cli, metrics, state, taper
 from tlm_jax import config as config_lib
-from tlm_jax.model import costs, lm
+from tlm_jax.model import budget, lm
 
 SAMPLE = (
   b"Tapered language models give early layers wide MLPs and late layers "
@@ -52,9 +54,9 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
     layers_mode=config.model.layers_mode,
     params=lm.param_count(model),
     uniform_twin_params=twin_count,
-    params_from_costs=costs.total_params(spec, list(model.widths)),
-    flops_per_token=xshape.flops_per_token(spec, widths, residual, config.train.seq_len),
-    xla_flops_per_token=round(metrics.xla_flops_per_token(config)),
+    params_from_costs=budget.total_params(spec, widths, residual),
+    flops_per_token=budget.flops_per_token(spec, widths, residual, config.train.seq_len),
+    xla_flops_per_token=round(metrics.xla_flops_per_token(config, compiled=False)),
     seq_len=config.train.seq_len,
     logits_shape=list(logits_BTV.shape),
     untrained_loss=float(loss.mean()),

@@ -5,8 +5,9 @@ chain of SwiGLU levels, u_{k+1} = u_k + MLP_k(u_k), where level k runs at its
 own frequency. The paper leaves the in-context objective open; ours, per level
 k with chunk size C_k > 0 (`model.hope.chunk_sizes`):
 
-  - tokens are cut into chunks of C_k; every token of chunk j is processed
-    with the weights W_k^(j);
+  - tokens are cut into chunks of C_k (a sequence of any length: the last
+    chunk may be partial); every token of chunk j is processed with the
+    weights W_k^(j);
   - after chunk j, one step on the chunk's associative loss, summed over its
     tokens as the paper's CMS update sums its per-token terms over the C_k
     tokens since the last update:
@@ -50,10 +51,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlm_jax.config import ModelSpec
-from tlm_jax.errors import ConfigError
 from tlm_jax.model.costs import level_widths
 from tlm_jax.model.layers import mlp_output_std, param
+from tlm_jax.spec import ModelSpec
 
 Array = jax.Array
 Weights = tuple[Array, Array, Array]
@@ -69,15 +69,24 @@ def associative_loss(weights: Weights, u_CD: Array, w_value: Array) -> Array:
   return 0.5 * jnp.sum((swiglu(weights, u_CD) - u_CD @ w_value) ** 2)
 
 
+def safe_norm(x: Array) -> Array:
+  """Frobenius norm whose gradient at x = 0 is 0, not NaN (sqrt's slope is infinite there)."""
+  squares = jnp.sum(x * x)
+  nonzero = squares > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+
+
 def trust_region(w: Array, step: Array, max_step: float) -> Array:
   """`step` scaled down to at most max_step * ||w|| (Frobenius); max_step 0: unchanged.
 
   The outer gradient flows through the scale too: holding it constant (cheaper, ~3x on
   the level's CPU backward) trained the tiny config to 4.5 bits/byte instead of 3.7.
+  A zero step (inner lr 0, the no-in-context control; a chunk of padding) stays zero, with
+  finite gradients: `safe_norm`.
   """
   if not max_step:
     return step
-  ratio = max_step * jnp.linalg.norm(w) / (jnp.linalg.norm(step) + 1e-30)
+  ratio = max_step * safe_norm(w) / jnp.maximum(safe_norm(step), 1e-30)
   return step * jnp.minimum(1.0, ratio)
 
 
@@ -108,9 +117,12 @@ def in_context_level(
   Computes in u_TD's dtype; weights0 are carried (and returned) in float32.
   Returns the level's outputs (T, D) and the weights used in each chunk
   (stacked on a leading chunk axis), so tests can see when they change. Each
-  chunk costs one forward and one backward pass (`level_step`).
+  chunk costs one forward and one backward pass (`level_step`). Any T: the last
+  chunk is padded with zeros, which only the weights after it (unused) see.
   """
-  chunks = u_TD.shape[0] // chunk_size
+  length = u_TD.shape[0]
+  chunks = -(-length // chunk_size)
+  u_TD = jnp.pad(u_TD, ((0, chunks * chunk_size - length), (0, 0)))
   weights0 = tuple(w.astype(jnp.float32) for w in weights0)
   v_TD = (u_TD @ w_value.astype(u_TD.dtype)).astype(jnp.float32)
 
@@ -120,7 +132,7 @@ def in_context_level(
 
   split = lambda a_TD: a_TD.reshape(chunks, chunk_size, -1)
   _, (y, used) = jax.lax.scan(step, weights0, (split(u_TD), split(v_TD)), unroll=unroll)
-  return y.reshape(u_TD.shape), used
+  return y.reshape(u_TD.shape)[:length], used
 
 
 class CMS(nnx.Module):
@@ -211,11 +223,6 @@ class CMS(nnx.Module):
         y_BTD = swiglu(tuple(w[...].astype(self.dtype) for w in self.levels[level]), u_BTD)
         u_BTD, out_BTD = u_BTD + y_BTD, out_BTD + y_BTD
         continue
-      if u_BTD.shape[1] % chunk:
-        raise ConfigError(
-          f"sequence length {u_BTD.shape[1]} is not a multiple of "
-          f"model.hope.chunk_sizes[{level}]={chunk}"
-        )
       weights = tuple(w[...] for w in self.levels[level])
       w_value_DD = next(values)[...]
       args = (chunk, self.inner_lrs[level], self.max_step, self.unroll)

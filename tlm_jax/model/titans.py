@@ -40,11 +40,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlm_jax.config import ModelSpec
-from tlm_jax.errors import ConfigError
 from tlm_jax.model.attention import Attention, attention_mask
 from tlm_jax.model.costs import CONV_WIDTH, memory_shapes
 from tlm_jax.model.layers import RMSNorm, output_std, param
+from tlm_jax.spec import ModelSpec
 
 Array = jax.Array
 
@@ -225,9 +224,9 @@ def l2_normalize(x: Array) -> Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def left_pad(x_BT: Array, count: int) -> Array:
-  """`count` zeros before the time axis (axis 1)."""
-  return jnp.pad(x_BT, [(0, 0), (count, 0)] + [(0, 0)] * (x_BT.ndim - 2))
+def pad_time(x_BT: Array, before: int, after: int = 0) -> Array:
+  """Zeros before and after the time axis (axis 1)."""
+  return jnp.pad(x_BT, [(0, 0), (before, after)] + [(0, 0)] * (x_BT.ndim - 2))
 
 
 class NeuralMemory(nnx.Module):
@@ -269,13 +268,6 @@ class NeuralMemory(nnx.Module):
     self.chunk_size, self.max_inner_lr = spec.titans.chunk_size, spec.titans.max_inner_lr
     self.unroll, self.max_grad_norm = spec.titans.unroll, spec.titans.max_grad_norm
     self.dtype = jnp.dtype(spec.dtype)
-
-  def check_length(self, length: int) -> None:
-    if length % self.chunk_size:
-      raise ConfigError(
-        f"sequence length {length} is not a multiple of model.titans.chunk_size="
-        f"{self.chunk_size}; change train.seq_len or the chunk size"
-      )
 
   def project(self, x_BTD: Array, name: str, tail_BWNH: Array | None = None) -> tuple[Array, Array]:
     """SiLU(conv(x W_name)), q and k L2-normalised, float32 (B, T, N, H).
@@ -349,7 +341,7 @@ class NeuralMemory(nnx.Module):
       pad = -prefix_BPD.shape[1] % self.chunk_size
       projected = {name: self.project(prefix_BPD, name) for name in "qkv"}
       rows = tuple(projected[name][0] for name in "qkv") + self.gates(prefix_BPD)
-      padded = [left_pad(a, pad) for a in rows]
+      padded = [pad_time(a, pad) for a in rows]
       state, _ = multihead_memory_scan(state, *padded, **self.scan_options)
       tails = {name: projected[name][1] for name in "qkv"}
     rows_BCNH = jnp.zeros((batch, self.chunk_size, heads, dim), jnp.float32)
@@ -396,19 +388,20 @@ class NeuralMemory(nnx.Module):
 
   def __call__(self, x_BSD: Array, prefix: int = 0) -> Array:
     """Outputs at every position of x = [prefix tokens | sequence], the memory learning from
-    all of them in order; the sequence is whole chunks, the prefix any length.
+    all of them in order; the prefix and the sequence of any length.
 
     Neutral tokens (inner lr 0, no forgetting) go before the prefix so that the sequence
-    starts a chunk: they leave the initial memory and the zero surprise as they are.
+    starts a chunk: they leave the initial memory and the zero surprise as they are; more
+    after the sequence fill its last chunk, whose reads depend on earlier rows only.
     """
     batch, length = x_BSD.shape[:2]
-    self.check_length(length - prefix)
-    pad = -prefix % self.chunk_size
+    before, after = -prefix % self.chunk_size, -(length - prefix) % self.chunk_size
     q_BSNH, k_BSNH, v_BSNH = (self.project(x_BSD, n)[0] for n in "qkv")
     eta_BSN, theta_BSN, alpha_BSN = self.gates(x_BSD)
-    padded = [left_pad(a, pad) for a in (q_BSNH, k_BSNH, v_BSNH, eta_BSN, theta_BSN, alpha_BSN)]
+    rows = (q_BSNH, k_BSNH, v_BSNH, eta_BSN, theta_BSN, alpha_BSN)
+    padded = [pad_time(a, before, after) for a in rows]
     _, y_BSNH = multihead_memory_scan(self.initial_state(batch), *padded, **self.scan_options)
-    return self.output(y_BSNH[:, pad:], x_BSD)
+    return self.output(y_BSNH[:, before : before + length], x_BSD)
 
 
 class Titans(nnx.Module):
@@ -604,13 +597,14 @@ class Titans(nnx.Module):
     return jnp.moveaxis(out_TBD, 0, 1), cache
 
   def memory_as_context(self, x_BTD: Array, positions_BT: Array) -> Array:
+    """Any length: the last segment is filled with zero tokens, which only later tokens of
+    that segment and the memory after it (both dropped) see."""
     mem, size, prefix = self.memory, self.segment_size, self.prefix_length
-    batch, length, dim = x_BTD.shape
-    if length % size:
-      raise ConfigError(
-        f"sequence length {length} is not a multiple of model.titans.segment_size={size}; "
-        "change train.seq_len or the segment size"
-      )
+    length = x_BTD.shape[1]
+    pad = -length % size
+    x_BTD = pad_time(x_BTD, 0, pad)
+    positions_BT = jnp.pad(positions_BT, ((0, 0), (0, pad)), mode="edge")
+    batch, padded_length, dim = x_BTD.shape
     q_BTNH, _ = mem.project(x_BTD, "q")
     causal = jnp.tril(jnp.ones((size, size), bool))
     mask_CS = jnp.concatenate([jnp.ones((size, prefix), bool), causal, causal], axis=1)
@@ -627,10 +621,10 @@ class Titans(nnx.Module):
       return (state, tails), self.combine(y_BCD, mem.output(out_BCNH, y_BCD), x_BCD)
 
     def by_segment(a):
-      return jnp.moveaxis(a.reshape(batch, length // size, size, *a.shape[2:]), 1, 0)
+      return jnp.moveaxis(a.reshape(batch, padded_length // size, size, *a.shape[2:]), 1, 0)
 
     segments = tuple(map(by_segment, (x_BTD, q_BTNH, positions_BT)))
     tails = {n: jnp.zeros((batch, CONV_WIDTH - 1, *q_BTNH.shape[2:]), mem.dtype) for n in "qkv"}
     carry = (mem.initial_state(batch), tails)
     _, out = jax.lax.scan(segment, carry, segments, unroll=self.unroll)
-    return jnp.moveaxis(out, 0, 1).reshape(batch, length, dim)
+    return jnp.moveaxis(out, 0, 1).reshape(batch, padded_length, dim)[:, :length]
