@@ -12,7 +12,11 @@ then MLP), over validation tokens:
 
 each as a mean and a standard deviation over tokens, beside the layer's MLP
 width. For the mixer x is the block's input; for the MLP it is the stream
-after the mixer's update (what `Block` adds the MLP output to). Writes
+after the mixer's update (what `Block` adds the MLP output to). In an
+X-shaped model (tlm_jax/xshape.py) a block reads and adds to the stream at its
+own residual width d_l (lm.read_width), so u and x are both that view, d_l
+wide: the coordinates the block does not see pass it unchanged and take no
+part in its cosine or norms (its residual_width is reported beside it). Writes
 W/analysis_alignment.json per workdir; the PNG overlays every workdir given
 (tapered against uniform) and is written into each.
 """
@@ -48,14 +52,15 @@ def update_moments(u_BTD: jax.Array, x_BTD: jax.Array) -> jax.Array:
 def moments(model: lm.Decoder, tokens_BT: jax.Array) -> jax.Array:
   """(L, 2, 4): per layer, for the mixer and the MLP, the sums of `update_moments`."""
   positions_BT = blocks.positions_like(tokens_BT)
-  x_BTD, rows = model.embed_tokens(tokens_BT), []
-  for block in model.blocks:
+  stream_BTD, rows = model.embed_tokens(tokens_BT), []
+  for block, width in zip(model.blocks, model.residual_widths):
+    x_BTD = lm.read_width(stream_BTD, width)
     u_BTD = blocks.mixer_update(block, x_BTD, positions_BT)
     mixer = update_moments(u_BTD, x_BTD)
     x_BTD = x_BTD + u_BTD
     u_BTD = blocks.mlp_update(block, x_BTD)
     rows.append(jnp.stack([mixer, update_moments(u_BTD, x_BTD)]))
-    x_BTD = x_BTD + u_BTD
+    stream_BTD = lm.write_width(stream_BTD, x_BTD + u_BTD)
   return jnp.stack(rows)
 
 
@@ -69,8 +74,8 @@ def analyze_model(model: lm.Decoder, batches: Sequence[dict[str, np.ndarray]]) -
     count += batch["inputs"].size
   mean = total / count
   layers = []
-  for l, width in enumerate(model.widths):
-    row: dict[str, Any] = dict(layer=l, mlp_width=int(width))
+  for l, (width, residual) in enumerate(zip(model.widths, model.residual_widths)):
+    row: dict[str, Any] = dict(layer=l, mlp_width=int(width), residual_width=int(residual))
     for s, name in enumerate(SUBLAYERS):
       cos, cos_sq, rel, rel_sq = mean[l, s]
       row[name] = dict(
@@ -80,7 +85,12 @@ def analyze_model(model: lm.Decoder, batches: Sequence[dict[str, np.ndarray]]) -
         relative_norm_std=float(np.sqrt(max(rel_sq - rel * rel, 0.0))),
       )
     layers.append(row)
-  return dict(tokens=count, widths=[int(w) for w in model.widths], layers=layers)
+  return dict(
+    tokens=count,
+    widths=[int(w) for w in model.widths],
+    residual_widths=[int(d) for d in model.residual_widths],
+    layers=layers,
+  )
 
 
 def analyze(restored: restore.Restored, batches: int, batch_size: int) -> dict[str, Any]:

@@ -23,7 +23,9 @@ Before and after, on the held-out samples:
 - per layer, the effective dimensionality of the residual stream after the
   block: the participation ratio (sum l)^2 / sum l^2 of its covariance
   eigenvalues l. Where it grows in the adapted layers is the "terminal
-  expansion".
+  expansion". In an X-shaped model the state after block l is its output at
+  its own residual width d_l (the coordinates it wrote; those it does not
+  see are an earlier block's state).
 """
 
 from __future__ import annotations
@@ -110,26 +112,31 @@ def participation_ratio(h_ND: np.ndarray) -> float:
   return participation_ratio_from_covariance(np.cov(np.asarray(h_ND, np.float64), rowvar=False))
 
 
-def hidden_moments(model: lm.Decoder, tokens_BT: jax.Array, mask_BT: jax.Array):
-  """Per layer (the stream after each block), over masked tokens: sum x (L, D), sum x x^T
-  (L, D, D)."""
+def hidden_moments(
+  model: lm.Decoder, tokens_BT: jax.Array, mask_BT: jax.Array
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Per layer, the block's output (at its residual width d_l) over masked tokens: the sums
+  x (d_l,) and x x^T (d_l, d_l)."""
   positions_BT = blocks.positions_like(tokens_BT)
-  x_BTD, firsts, seconds = model.embed_tokens(tokens_BT), [], []
-  for block in model.blocks:
-    x_BTD = blocks.run_block(block, x_BTD, positions_BT)
+  stream_BTD, firsts, seconds = model.embed_tokens(tokens_BT), [], []
+  for block, width in zip(model.blocks, model.residual_widths):
+    x_BTD = blocks.run_block(block, lm.read_width(stream_BTD, width), positions_BT)
+    stream_BTD = lm.write_width(stream_BTD, x_BTD)
     x = x_BTD.astype(jnp.float32) * mask_BT[..., None]
     firsts.append(x.sum((0, 1)))
     seconds.append(jnp.einsum("btd,bte->de", x, x))
-  return jnp.stack(firsts), jnp.stack(seconds)
+  return firsts, seconds
 
 
 def layer_participation(model: lm.Decoder, data: dict[str, np.ndarray]) -> list[float]:
   fn = blocks.jit_method(model, hidden_moments)
-  first, second = jax.device_get(fn(data["inputs"], data["mask"]))
-  n = float(data["mask"].sum())
-  mean = np.asarray(first, np.float64) / n
-  covs = np.asarray(second, np.float64) / n - mean[:, :, None] * mean[:, None, :]
-  return [participation_ratio_from_covariance(c) for c in covs]
+  firsts, seconds = jax.device_get(fn(data["inputs"], data["mask"]))
+  n, ratios = float(data["mask"].sum()), []
+  for first, second in zip(firsts, seconds):
+    mean = np.asarray(first, np.float64) / n
+    cov = np.asarray(second, np.float64) / n - mean[:, None] * mean[None, :]
+    ratios.append(participation_ratio_from_covariance(cov))
+  return ratios
 
 
 @jax.jit
@@ -233,6 +240,7 @@ def analyze_model(
   result = dict(
     settings=dataclasses.asdict(settings),
     layers=lora.adapted_layers(len(model.blocks), settings.layers),
+    residual_widths=[int(d) for d in model.residual_widths],
     adapted_weights=sorted(adapters),
     trainable_params=int(sum(x.size for x in jax.tree.leaves(adapters))),
     train_samples=len(train_data["inputs"]),

@@ -14,6 +14,12 @@ the middle of the paper's 45-60% band; a quarter of the stack at most on
 shallow models), and vs window position at K = --position_loops. The window
 start, K, step and beta are traced values, so one compiled program serves
 every point of both sweeps.
+
+In an X-shaped model each block runs at its own residual width, resized to and
+from the stream as in the decoder (tlm_jax/analysis/blocks.py), and x is the
+whole stream at the widest residual width (zeros where nothing has written
+yet, as the decoder widens with): damping and anchoring mix whole streams, and
+coordinates the window's blocks do not read pass through every loop unchanged.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ def looped_logits(
 
     return jax.lax.scan(one, x_BTD, jnp.arange(size))[0]
 
-  x_BTD = run_outside(model.embed_tokens(tokens_BT), 0, start)
+  x_BTD = run_outside(blocks.embed(model, tokens_BT), 0, start)
   x_BTD = damped_loop(window, x_BTD, loops, step, anchor)
   return blocks.head(model, run_outside(x_BTD, start + size, num_layers))
 
@@ -150,6 +156,7 @@ def analyze_model(
   return dict(
     tokens=looper.tokens,
     widths=[int(w) for w in model.widths],
+    residual_widths=[int(d) for d in model.residual_widths],
     window=dict(start=start, size=size, layers=list(range(start, start + size))),
     beta=beta,
     perplexity=looper.perplexity(start, 1, 1.0, 0.0),

@@ -22,7 +22,11 @@ readings are computed, as `mode`:
 In a uniform model both modes are defined without any choice; in a tapered
 one `block` asks "is layer j a stand-in for layer i", `mixer` asks the same
 of the token mixers alone. Nothing is copied: a plan runs slot i with layer
-j's sublayer (blocks.run_plan), so widths never need to match.
+j's sublayer (blocks.run_plan), so widths never need to match. In an X-shaped
+model a sublayer also keeps its layer's residual width d_j, resized to and from
+the stream as the decoder resizes between blocks: in `block` mode slot i runs
+layer j at d_j, in `mixer` mode layer j's mixer at d_j, then slot i's MLP at
+d_i; the embedding and head stay where they are.
 
 KL-guided pruning: take the pairs in order of increasing distance; while the
 budget lasts, remove the later layer of a pair whose two layers are both
@@ -188,6 +192,7 @@ def analyze_model(
   return dict(
     tokens=scorer.tokens,
     widths=[int(w) for w in model.widths],
+    residual_widths=[int(d) for d in model.residual_widths],
     threshold=SIMILAR,
     perplexity=scorer.perplexity(identity(n)),
     modes=modes,
