@@ -1,5 +1,6 @@
 """Tests for the TLM taper: per-layer MLP widths under the uniform model's budget."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,9 +13,10 @@ from hypothesis import strategies as st
 import helpers
 from helpers import REPO
 from tlm_jax import config as config_lib
-from tlm_jax import taper
-from tlm_jax.config import TaperSpec
+from tlm_jax import presets, taper
 from tlm_jax.errors import ConfigError
+from tlm_jax.model import registry
+from tlm_jax.spec import TaperSpec
 
 SMOOTH = ("cosine", "linear", "sigmoid")
 
@@ -149,6 +151,43 @@ def test_repair_is_at_least_as_close_as_largest_remainder_rounding(case):
   assert error <= sum((r - u) ** 2 for r, u in zip(rounded, units)) + 1e-9
 
 
+@st.composite
+def mirrored_cases(draw):
+  """A smooth schedule and its mirror image; ratios in eighths, so that exact ties in the
+  repair are common (1.5 x 21 tiles = 31.5: round up or down?)."""
+  start, end = draw(st.integers(1, 24)) / 8, draw(st.integers(1, 24)) / 8
+  spec = TaperSpec(
+    schedule=draw(st.sampled_from(SMOOTH)),
+    start=start,
+    end=end,
+    steepness=draw(st.floats(min_value=0.5, max_value=50.0)),
+    renormalize=draw(st.sampled_from(("scale", "shift"))),
+    tile=128,
+  )
+  mirror = dataclasses.replace(spec, start=end, end=start)
+  return spec, mirror, draw(st.integers(2, 48)), 128 * draw(st.integers(1, 40))
+
+
+@settings(deadline=None, max_examples=200)
+@given(mirrored_cases())
+def test_a_mirrored_schedule_gets_the_mirrored_widths(case):
+  spec, mirror, num_layers, base_width = case
+  try:
+    widths = taper.layer_widths(spec, num_layers, base_width)
+  except ConfigError:
+    with pytest.raises(ConfigError):
+      taper.layer_widths(mirror, num_layers, base_width)
+    return
+  assert taper.layer_widths(mirror, num_layers, base_width) == widths[::-1]
+
+
+def test_a_tie_rounds_the_wide_end_down_and_the_narrow_end_up_despite_float_noise():
+  # 4.5, 3, 1.5 tiles for 9: (4, 3, 2) and (5, 3, 1) are equally close; the noise (as a
+  # profile and its mirror carry, computed in floating point) must not decide.
+  assert taper.repair_to_budget([4.5 + 1e-12, 3.0, 1.5 - 1e-12], [1, 1, 1], 9, 1) == [4, 3, 2]
+  assert taper.repair_to_budget([1.5 + 1e-12, 3.0, 4.5 - 1e-12], [1, 1, 1], 9, 1) == [2, 3, 4]
+
+
 @pytest.mark.parametrize("tile", [64, 128, 256])
 def test_paper_cosine_taper_never_fails_at_reasonable_widths(tile):
   spec = TaperSpec(schedule="cosine", start=1.5, end=0.5, tile=tile)
@@ -158,9 +197,9 @@ def test_paper_cosine_taper_never_fails_at_reasonable_widths(tile):
       assert sum(widths) == num_layers * tile * tiles_per_layer
 
 
-@pytest.mark.parametrize("preset", [p for p in config_lib.TAPERS if p != "stepped"])
+@pytest.mark.parametrize("preset", [p for p in presets.TAPERS if p != "stepped"])
 def test_presets_never_fail_at_reasonable_widths(preset):
-  spec = TaperSpec(**config_lib.TAPERS[preset])
+  spec = TaperSpec(**presets.TAPERS[preset])
   for base_width in (4 * 128, 21 * 128):
     for num_layers in range(2, 49):
       taper.layer_widths(spec, num_layers, base_width)
@@ -384,8 +423,8 @@ def test_very_steep_sigmoid_gives_a_step_or_a_config_error(steepness):
 # --- 6. configs and the CLI ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", list(config_lib.TAPERS))
-@pytest.mark.parametrize("scale", list(config_lib.SCALES))
+@pytest.mark.parametrize("preset", list(presets.TAPERS))
+@pytest.mark.parametrize("scale", list(presets.SCALES))
 def test_every_experiment_config_matches_its_uniform_twin(scale, preset):
   cfg = load_experiment_config(f"{scale},{preset}")
   report = taper.parity_report(cfg)
@@ -407,7 +446,7 @@ def test_uniform_twin_is_uniform_and_leaves_the_config_alone():
 
 def test_tapered_presets_actually_taper():
   widths = {
-    p: taper.widths_from_config(load_experiment_config(f"124m,{p}")) for p in config_lib.TAPERS
+    p: taper.widths_from_config(load_experiment_config(f"124m,{p}")) for p in presets.TAPERS
   }
   assert len(set(widths["uniform"])) == 1
   assert widths["cosine"][0] > widths["cosine"][-1]
@@ -418,6 +457,17 @@ def test_tapered_presets_actually_taper():
     max(range(12), key=widths[p].__getitem__) for p in ("early", "middle", "late")
   )
   assert early < 4 <= middle < 8 <= late
+
+
+@pytest.mark.parametrize("backbone", list(registry.BACKBONES))
+def test_reverse_is_the_mirror_of_cosine_at_every_scale(backbone):
+  for scale in presets.SCALES:
+    cosine, reverse = (
+      taper.widths_from_config(helpers.load_config(f"tlm_{backbone}", f"{scale},{preset}"))
+      for preset in ("cosine", "reverse")
+    )
+    assert reverse == cosine[::-1], scale
+    assert cosine[0] > cosine[-1], scale
 
 
 def run_cli(*args):
@@ -474,7 +524,7 @@ SCALE_PARAMS = {"440m": 440e6, "760m": 760e6, "1.3b": 1.3e9}
 @pytest.mark.parametrize("scale", SCALE_PARAMS)
 @pytest.mark.parametrize(
   "backbone,variant",
-  [(b, "mag") for b in config_lib.BACKBONES] + [("titans", "mal"), ("titans", "mac")],
+  [(b, "mag") for b in list(registry.BACKBONES)] + [("titans", "mal"), ("titans", "mac")],
 )
 def test_every_backbone_lands_within_3_percent_of_each_named_scale(backbone, variant, scale):
   cfg = helpers.load_config(f"tlm_{backbone}", scale)
@@ -489,7 +539,7 @@ def test_every_backbone_lands_within_3_percent_of_each_named_scale(backbone, var
 # --- 8. the paper recipe ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backbone", config_lib.BACKBONES)
+@pytest.mark.parametrize("backbone", list(registry.BACKBONES))
 def test_paper_recipe_is_the_third_part_of_every_backbone_config_arg(backbone):
   cfg = helpers.load_config(f"tlm_{backbone}", "760m,cosine,paper")
   tr = cfg.train
