@@ -179,10 +179,17 @@ if __name__ == "__main__":
     "tasks", None, f"Comma-separated zero-shot tasks instead of a split: {', '.join(tasks.TASKS)}."
   )
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder of TASK.jsonl files (--tasks).")
-  _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per scoring batch.")
-  _LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N records per task (0: all).")
+  _BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 16, "Sequences per scoring batch.", lower_bound=1
+  )
+  _LIMIT = flags.DEFINE_integer(
+    "limit", 0, "Score only the first N records per task (0: all).", lower_bound=0
+  )
   _STRIDE = flags.DEFINE_integer(
-    "stride", 0, "wikitext: tokens between rolling windows (0: seq_len, disjoint windows)."
+    "stride",
+    0,
+    "wikitext: tokens between rolling windows (0: seq_len, disjoint windows).",
+    lower_bound=0,
   )
   _NIAH_LENGTHS = flags.DEFINE_list(
     "niah_lengths", [], "niah: prompt lengths in tokens (default: seq_len/4, seq_len/2, seq_len)."
@@ -190,7 +197,9 @@ if __name__ == "__main__":
   _NIAH_DEPTHS = flags.DEFINE_list(
     "niah_depths", [f"{d:g}" for d in tasks.NIAH_DEPTHS], "niah: passkey depths in [0, 1]."
   )
-  _NIAH_TRIALS = flags.DEFINE_integer("niah_trials", 4, "niah: random passkeys per cell.")
+  _NIAH_TRIALS = flags.DEFINE_integer(
+    "niah_trials", 4, "niah: random passkeys per cell.", lower_bound=1
+  )
   _SEED = flags.DEFINE_integer("seed", 0, "niah: seed of the passkeys.")
   flags.mark_flag_as_required("workdir")
   cli.run(main)

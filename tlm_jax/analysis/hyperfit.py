@@ -361,16 +361,28 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
   _DATA = flags.DEFINE_string("data", None, "Small set: .txt (a sample per line) or .jsonl.")
   _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL key holding the text.")
-  _LAYERS = flags.DEFINE_integer("layers", defaults.layers, "Adapt the last k layers.")
-  _RANK = flags.DEFINE_integer("rank", defaults.rank, "LoRA rank r.")
-  _ALPHA = flags.DEFINE_float("alpha", defaults.alpha, "LoRA alpha (scale alpha / r).")
-  _LEARNING_RATE = flags.DEFINE_float("learning_rate", defaults.learning_rate, "Adam step size.")
-  _EPOCHS = flags.DEFINE_integer("epochs", defaults.epochs, "Passes over the small set.")
-  _BATCH_SIZE = flags.DEFINE_integer("batch_size", defaults.batch_size, "Samples per step.")
+  _LAYERS = flags.DEFINE_integer(
+    "layers", defaults.layers, "Adapt the last k layers.", lower_bound=1
+  )
+  _RANK = flags.DEFINE_integer("rank", defaults.rank, "LoRA rank r.", lower_bound=1)
+  _ALPHA = flags.DEFINE_float(
+    "alpha", defaults.alpha, "LoRA alpha (scale alpha / r).", lower_bound=0
+  )
+  _LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", defaults.learning_rate, "Adam step size.", lower_bound=0
+  )
+  _EPOCHS = flags.DEFINE_integer(
+    "epochs", defaults.epochs, "Passes over the small set.", lower_bound=1
+  )
+  _BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", defaults.batch_size, "Samples per step.", lower_bound=1
+  )
   _SEED = flags.DEFINE_integer("seed", defaults.seed, "Adapter init, data order and sampling.")
   _HELDOUT = flags.DEFINE_integer("heldout", 32, "Last samples kept out of training (prompts).")
   _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 16, "Prompt length in tokens.")
   _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 48, "Tokens generated per prompt.")
-  _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).")
+  _TEMPERATURE = flags.DEFINE_float(
+    "temperature", 1.0, "Sampling temperature (0: greedy).", lower_bound=0
+  )
   flags.mark_flags_as_required(["workdir", "data"])
   cli.run(main)

@@ -284,7 +284,9 @@ if __name__ == "__main__":
   _MAX_REMOVE = flags.DEFINE_integer(
     "max_remove", 0, "Largest pruning budget (0: half the layers)."
   )
-  _RANDOM_TRIALS = flags.DEFINE_integer("random_trials", 5, "Random removals per budget.")
+  _RANDOM_TRIALS = flags.DEFINE_integer(
+    "random_trials", 5, "Random removals per budget.", lower_bound=1
+  )
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random-removal baseline.")
   flags.mark_flag_as_required("workdir")
   cli.run(main)

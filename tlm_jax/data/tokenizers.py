@@ -169,7 +169,13 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   cli.config_flag()
   flags.DEFINE_string("output", None, "Model prefix: writes PREFIX.model.", required=True)
-  flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size (at least ~350 with byte fallback).")
-  flags.DEFINE_integer("max_documents", 1_000_000, "Train on at most this many documents.")
-  flags.DEFINE_integer("max_bytes", 100_000_000, "Train on at most this many bytes of text.")
+  flags.DEFINE_integer(
+    "vocab_size", 4096, "Vocabulary size (at least ~350 with byte fallback).", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "max_documents", 1_000_000, "Train on at most this many documents.", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "max_bytes", 100_000_000, "Train on at most this many bytes of text.", lower_bound=1
+  )
   cli.run(main)
