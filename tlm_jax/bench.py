@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tlm_jax import cli, metrics, sharding, state, taper
+from tlm_jax import cli, metrics, sharding, state, taper, workdir
 from tlm_jax.data import pipeline, pretokenize
 
 
@@ -126,14 +126,13 @@ def loop(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   config.train.update(steps=steps, log_every=log_every, eval_every=steps, checkpoint_every=steps)
   config.train.warmup_steps = min(config.train.warmup_steps, steps - 1)
   with tempfile.TemporaryDirectory() as tmp:
-    config_json, run_dir = os.path.join(tmp, "config.json"), os.path.join(tmp, "run")
-    with open(config_json, "w") as f:
-      f.write(config.to_json_best_effort())
+    workdir.write_config(tmp, config)
+    config_json, run_dir = workdir.path(tmp, workdir.CONFIG), os.path.join(tmp, "run")
     cmd = [sys.executable, "-m", "tlm_jax.train", "--workdir", run_dir, "--config", config_json]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
       raise RuntimeError(f"the train loop failed:\n{result.stderr[-3000:]}")
-    rows = [r for r in metrics.read_metrics(run_dir) if "split" not in r]
+    rows = workdir.training_rows(run_dir)
   loop_rate = statistics.median(r["tokens_per_sec"] for r in rows[1:-1])
   step_rate = measure(config, steps)["tokens_per_sec"]
   return dict(

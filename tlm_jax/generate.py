@@ -34,7 +34,7 @@ from flax import nnx
 from tlm_jax import cli, restore
 from tlm_jax.data.tokenizers import Tokenizer
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm
+from tlm_jax.model import lm, registry
 
 Array = jax.Array
 _BUCKET = 64  # prefill and buffer lengths are rounded to multiples of this (above 64)
@@ -157,7 +157,7 @@ def generate_tokens(
   if max_new_tokens <= 0:
     return [[] for _ in prompts]
   lengths = np.array([len(p) for p in prompts], np.int32)
-  multiple = np.lcm(_BUCKET, lm.length_multiple(model.spec))
+  multiple = np.lcm(_BUCKET, registry.get(model.spec.backbone).length_multiple(model.spec))
   total = int(-(-(lengths.max() + max_new_tokens) // multiple) * multiple)
   tokens = np.zeros((len(prompts), total), np.int32)
   for row, p in enumerate(prompts):
