@@ -1,6 +1,8 @@
-"""Shared by the tests: repo paths, config loading, and a few train steps on a mesh."""
+"""Shared by the tests: repo paths, config loading, a few train steps on a mesh, and the
+tiny trained workdir."""
 
 import importlib.util
+import json
 import pathlib
 
 from tlm_jax import config as config_lib
@@ -8,6 +10,8 @@ from tlm_jax import metrics, sharding, state
 from tlm_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_WORKDIR_STEPS = 12
+TINY_WORKDIR_SEQ_LEN = 64
 
 
 def load_config(name: str, arg: str | None = None):
@@ -48,3 +52,29 @@ def xla_flops_per_token(config) -> float:
 def train_losses(workdir) -> dict[int, float]:
   """Training loss by step from a workdir's metrics.jsonl (evaluation rows left out)."""
   return {r["step"]: r["loss"] for r in workdir_lib.training_rows(workdir)}
+
+
+def train_tiny_workdir(root: pathlib.Path) -> pathlib.Path:
+  """configs/tlm_transformer.py:tiny (cosine widths 384, 320, 192, 128) trained
+  TINY_WORKDIR_STEPS steps of 8 x 64 bytes in ROOT/run, one checkpoint and one validation row
+  at the end. The corpus (ROOT/corpus.jsonl) repeats itself, so a few steps teach something."""
+  from tlm_jax import train
+
+  lines = [f"the cat sat on the mat {i}. the dog sat on the log. " * 4 for i in range(60)]
+  docs = [json.dumps(dict(text=line)) for line in lines]
+  (root / "corpus.jsonl").write_text("\n".join(docs))
+  config = load_config("tlm_transformer", "tiny")
+  config.data.update(source="local", files=str(root / "corpus.jsonl"), data_dir=str(root / "tfds"))
+  config.train.update(
+    steps=TINY_WORKDIR_STEPS,
+    batch_size=8,
+    seq_len=TINY_WORKDIR_SEQ_LEN,
+    learning_rate=3e-3,
+    warmup_steps=5,
+    log_every=TINY_WORKDIR_STEPS,
+    eval_every=TINY_WORKDIR_STEPS,
+    eval_batches=1,
+    checkpoint_every=TINY_WORKDIR_STEPS,
+  )
+  train.train(config, str(root / "run"))
+  return root / "run"

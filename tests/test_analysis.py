@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import helpers
-from tlm_jax import restore, state, train
+from tlm_jax import restore, state
 from tlm_jax.analysis import alignment, blocks, hyperfit, load, looping, lora, swap_kl
 from tlm_jax.config import model_spec
 from tlm_jax.data import tokenizers
@@ -23,21 +23,15 @@ from tlm_jax.model import lm
 
 ANALYSES = ("alignment", "swap_kl", "looping", "hyperfit")
 BACKBONES = ("transformer", "gated_attention", "titans", "hope_attention")
+STEPS = helpers.TINY_WORKDIR_STEPS
 SMALL_SET = [f"sample {i}: the quick brown fox jumps" for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A cosine-tapered tiny Transformer (widths 384, 320, 192, 128), trained a few steps."""
-  config = helpers.load_config("tlm_transformer", "tiny")
-  config.train.update(
-    steps=30, batch_size=8, seq_len=32, warmup_steps=2, learning_rate=3e-3, log_every=10
-  )
-  config.train.update(eval_every=30, eval_batches=1, checkpoint_every=30)
-  config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  path = tmp_path_factory.mktemp("workdir")
-  train.train(config, str(path))
-  return path
+def workdir(tmp_path_factory, tiny_workdir):
+  """The shared tiny workdir (a cosine-tapered Transformer, widths 384, 320, 192, 128),
+  copied: the CLIs write their results into it."""
+  return shutil.copytree(tiny_workdir, tmp_path_factory.mktemp("analysis") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +212,7 @@ def test_looping_once_is_the_model_and_damped_identity_is_identity(run, batches)
 def test_lora_trains_only_late_adapters_to_a_low_loss_and_merges_exactly(run):
   graphdef, params = nnx.split(run.model)
   model = nnx.merge(graphdef, nnx.to_pure_dict(params))  # new variables: the fixture stays
-  # After 30 steps the unembedding is still tiny: through the final RMSNorm no hidden state
+  # After 12 steps the unembedding is still tiny: through the final RMSNorm no hidden state
   # can make a confident prediction (max logit ~3), whatever the late layers do. A sharper
   # final norm gives the adapted layers the room a trained model has.
   model.final_norm.scale[...] = model.final_norm.scale[...] * 8
@@ -351,7 +345,7 @@ def read(outputs, name):
 def test_every_cli_writes_its_json_and_png(outputs):
   for name in ANALYSES:
     result = read(outputs, name)
-    assert result["step"] == 30 and result["backbone"] == "transformer", name
+    assert result["step"] == STEPS and result["backbone"] == "transformer", name
     assert (outputs["workdir"] / f"analysis_{name}.png").stat().st_size > 10_000, name
   twin = json.loads((outputs["twin"] / "analysis_alignment.json").read_text())
   assert twin["layers"] == read(outputs, "alignment")["layers"]  # same weights, same numbers

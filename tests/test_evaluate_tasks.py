@@ -3,6 +3,7 @@ tiny trained workdir: scores equal hand-computed log-likelihoods, at any batch s
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,12 +14,12 @@ import pytest
 from flax import nnx
 
 import helpers
-from tlm_jax import generate, restore, tasks, train
+from tlm_jax import generate, restore, tasks
 from tlm_jax.workdir import read_metrics
 
 REPO = str(helpers.REPO)
-SEQ_LEN = 64
-STEPS = 12
+SEQ_LEN = helpers.TINY_WORKDIR_SEQ_LEN
+STEPS = helpers.TINY_WORKDIR_STEPS
 
 PIQA = [
   dict(goal="How do I boil water?", sol1="Heat it in a pot.", sol2="Put it in ice.", label=0),
@@ -89,29 +90,9 @@ TASK_DATA = {
 }
 
 
-def corpus_line(i):
-  return json.dumps(dict(text=f"the cat sat on the mat {i}. the dog sat on the log. " * 4))
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tasks")
-  (root / "corpus.jsonl").write_text("\n".join(corpus_line(i) for i in range(60)))
-  config = helpers.load_config("tlm_transformer", "tiny")
-  config.data.update(source="local", files=str(root / "corpus.jsonl"), data_dir=str(root / "tfds"))
-  config.train.update(
-    steps=STEPS,
-    batch_size=8,
-    seq_len=SEQ_LEN,
-    learning_rate=3e-3,
-    warmup_steps=5,
-    log_every=STEPS,
-    eval_every=STEPS,
-    eval_batches=1,
-    checkpoint_every=STEPS,
-  )
-  train.train(config, str(root / "run"))
-  return str(root / "run")
+def workdir(tiny_workdir):
+  return str(tiny_workdir)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +239,8 @@ def run_module(module, *args, env=None):
   )
 
 
-def test_evaluate_cli_writes_tasks_json_and_metrics_rows(workdir, data_dir):
+def test_evaluate_cli_writes_tasks_json_and_metrics_rows(workdir, data_dir, tmp_path):
+  workdir = str(shutil.copytree(workdir, tmp_path / "run"))  # the shared one stays as it is
   result = run_module(
     "tlm_jax.evaluate",
     "--workdir",

@@ -15,7 +15,7 @@ from flax import nnx
 
 import helpers
 from tlm_jax import config as config_lib
-from tlm_jax import generate, restore, state, train
+from tlm_jax import generate, restore, state
 from tlm_jax.model import hope, titans
 
 PROMPTS = [[0, 5, 9, 200, 3, 7, 100, 20, 30, 40, 50], [0, 1, 2], [0, *range(60, 89)]]
@@ -144,25 +144,8 @@ def test_eos_and_stop_sequences_end_rows(transformer):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("generate")
-  lines = [json.dumps(dict(text=f"the cat sat on the mat {i}. " * 8)) for i in range(40)]
-  (root / "corpus.jsonl").write_text("\n".join(lines))
-  config = helpers.load_config("tlm_transformer", "tiny")
-  config.data.update(source="local", files=str(root / "corpus.jsonl"), data_dir=str(root / "tfds"))
-  config.train.update(
-    steps=12,
-    batch_size=8,
-    seq_len=64,
-    learning_rate=3e-3,
-    warmup_steps=2,
-    log_every=12,
-    eval_every=12,
-    eval_batches=1,
-    checkpoint_every=12,
-  )
-  train.train(config, str(root / "run"))
-  return str(root / "run")
+def workdir(tiny_workdir):
+  return str(tiny_workdir)
 
 
 def run_generate(*args):

@@ -1,4 +1,8 @@
-"""The trainer end to end: sharding equivalence, preemption and resume, multi-process, errors."""
+"""The trainer end to end: sharding equivalence, preemption and resume, multi-process, errors.
+
+One trainer subprocess (`uninterrupted`) is the reference the others match; a test starts a
+process of its own only where the process is what it tests (SIGTERM, two processes, the
+console, exit statuses); everything else calls train.train in-process."""
 
 import json
 import math
@@ -61,6 +65,11 @@ def train_args(workdir, data_dir, **overrides):
   ]
 
 
+def train_in_process(workdir, data_dir, **overrides):
+  """What `python -m tlm_jax.train` with these overrides does, without a new process."""
+  return train.train(load_demo_config(data_dir, **overrides), str(workdir))
+
+
 def run_train(workdir, data_dir, **overrides):
   return subprocess.run(
     [sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir, **overrides)],
@@ -80,8 +89,8 @@ def restore_params(workdir, config, mesh):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+def data_dir(builtin_data_dir):
+  return builtin_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +146,7 @@ def test_workdir_contract(uninterrupted):
   assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["12", "24"]
 
 
-def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, data_dir, uninterrupted):
+def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, capsys, data_dir, uninterrupted):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
     [sys.executable, "-m", "tlm_jax.train", *train_args(workdir, data_dir)],
@@ -157,9 +166,8 @@ def test_sigterm_then_same_command_matches_uninterrupted(tmp_path, data_dir, uni
   stopped = checkpoint.Checkpointer(str(workdir / "checkpoints"), 3).latest_step()
   assert 3 <= stopped < STEPS
 
-  resumed = run_train(workdir, data_dir)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resuming from step {stopped}" in resumed.stdout
+  train_in_process(workdir, data_dir)  # the same config, resumed
+  assert f"resuming from step {stopped}" in capsys.readouterr().out
   want, got = helpers.train_losses(uninterrupted), helpers.train_losses(workdir)
   assert got[STEPS] == want[STEPS]
   assert all(got[s] == want[s] for s in range(stopped + 1, STEPS + 1))
@@ -185,8 +193,7 @@ def test_checkpoint_restores_onto_another_mesh(data_dir, uninterrupted):
 def test_raising_steps_continues_a_finished_run(tmp_path, data_dir, uninterrupted):
   workdir = tmp_path / "continued"
   shutil.copytree(uninterrupted, workdir)
-  result = run_train(workdir, data_dir, **{"train.steps": STEPS + 4})
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert train_in_process(workdir, data_dir, **{"train.steps": STEPS + 4})["step"] == STEPS + 4
   assert max(helpers.train_losses(workdir)) == STEPS + 4
 
 
@@ -206,13 +213,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 ):
   workdir = tmp_path / "nan"
   shutil.copytree(uninterrupted, workdir)
-  result = run_train(
-    workdir,
-    data_dir,
-    **{"train.steps": STEPS + 6, "train.learning_rate": 1e30, "train.checkpoint_every": 1000},
-  )
-  assert result.returncode != 0
-  assert "non-finite" in result.stderr and f"last good checkpoint is step {STEPS}" in result.stderr
+  overrides = {"train.steps": STEPS + 6, "train.learning_rate": 1e30}
+  with pytest.raises(FloatingPointError) as stopped:  # uncaught by the CLI: a traceback, exit 1
+    train_in_process(workdir, data_dir, **overrides, **{"train.checkpoint_every": 1000})
+  assert "non-finite" in str(stopped.value)
+  assert f"last good checkpoint is step {STEPS}" in str(stopped.value)
   assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 3).latest_step() == STEPS
 
 
@@ -221,15 +226,14 @@ def test_bad_inputs_fail_early_with_the_field(tmp_path, data_dir):
     sharding.make_mesh(dict(data=3, fsdp=2, tensor=2))
   with pytest.raises(ConfigError, match="train.batch_size=6"):
     sharding.check_batch(6, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
-  missing = run_train(
-    tmp_path / "w", data_dir, **{"data.source": "tfds", "data.name": "no_such_set"}
-  )
-  assert missing.returncode != 0 and "data.name" in missing.stderr
+  # ConfigErrors; test_a_bad_train_value_is_one_line_with_exit_status_2 runs the CLI on one.
+  with pytest.raises(ConfigError, match="data.name"):
+    train_in_process(tmp_path / "w", data_dir, **{"data.source": "tfds", "data.name": "no_such"})
   (tmp_path / "file_not_dir").write_text("")
   with pytest.raises(ConfigError, match="checkpoint directory"):
     checkpoint.Checkpointer(str(tmp_path / "file_not_dir"), 1)
-  odd = run_train(tmp_path / "w2", data_dir, **{"train.batch_size": 6})
-  assert odd.returncode != 0 and "train.batch_size=6" in odd.stderr
+  with pytest.raises(ConfigError, match="train.batch_size=6"):
+    train_in_process(tmp_path / "w2", data_dir, **{"train.batch_size": 6})
 
 
 def test_evaluate_cli_reports_the_latest_checkpoint(uninterrupted):
@@ -271,16 +275,25 @@ def test_verbosity_flag_brings_the_library_logs_back(uninterrupted):
 
 
 @pytest.mark.parametrize("field, value", [("learning_rate", -1), ("seq_len", 0), ("batch_size", 0)])
-def test_bad_train_values_are_one_line_errors_with_exit_status_2(tmp_path, data_dir, field, value):
-  result = run_train(tmp_path / "w", data_dir, **{f"train.{field}": value})
-  assert result.returncode == 2
-  assert result.stderr.strip().startswith(f"error: train.{field}={value}")
-  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_bad_train_values_are_one_line_errors(tmp_path, data_dir, field, value):
+  with pytest.raises(ConfigError) as error:
+    train_in_process(tmp_path / "w", data_dir, **{f"train.{field}": value})
+  assert str(error.value).startswith(f"train.{field}={value}")
+  assert "\n" not in str(error.value)
   assert not (tmp_path / "w" / "checkpoints").exists()  # stopped before anything ran
 
 
+def test_a_bad_train_value_is_one_line_with_exit_status_2(tmp_path, data_dir):
+  """The CLI prints a ConfigError (any of them) as its only line and exits 2."""
+  result = run_train(tmp_path / "w", data_dir, **{"train.learning_rate": -1})
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("error: train.learning_rate=-1")
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 def test_truncated_latest_checkpoint_resumes_from_the_previous_one(
-  tmp_path, data_dir, uninterrupted
+  tmp_path, capsys, data_dir, uninterrupted
 ):
   workdir = tmp_path / "damaged"
   shutil.copytree(uninterrupted, workdir)
@@ -290,10 +303,10 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one(
   assert data_files
   for f in data_files:
     os.truncate(f, f.stat().st_size // 2)
-  result = run_train(workdir, data_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"warning: checkpoint {STEPS} in" in result.stderr
-  assert "resuming from step 12" in result.stdout
+  train_in_process(workdir, data_dir)
+  out, err = capsys.readouterr()
+  assert f"warning: checkpoint {STEPS} in" in err
+  assert "resuming from step 12" in out
   assert (workdir / "checkpoints.damaged" / str(STEPS)).is_dir()  # kept, not deleted
   want, got = helpers.train_losses(uninterrupted), helpers.train_losses(workdir)
   assert got[STEPS] == want[STEPS]
@@ -334,8 +347,7 @@ def test_a_nan_stop_gives_the_signal_handlers_back(tmp_path, data_dir):
 
 def test_prefetching_changes_no_numbers(tmp_path, data_dir, uninterrupted):
   workdir = tmp_path / "no_prefetch"
-  result = run_train(workdir, data_dir, **{"train.prefetch": 0})
-  assert result.returncode == 0, result.stderr[-3000:]
+  train_in_process(workdir, data_dir, **{"train.prefetch": 0})
   assert helpers.train_losses(workdir) == helpers.train_losses(uninterrupted)
   config = load_demo_config(data_dir)
   mesh = sharding.make_mesh(config.mesh)
