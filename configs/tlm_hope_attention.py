@@ -4,8 +4,8 @@
 SCALE: tiny | 124m | 440m | 760m | 1.3b (default 760m). TAPER, RECIPE as in tlm_transformer.py.
 The taper sets each layer's total CMS width in the taper's own tile steps;
 each in-context level gets its model.hope.width_fractions share rounded to
-the level tile, the slow level the rest (tlm_jax/model/hope.py). The sequence
-length must be a multiple of every non-zero chunk size.
+the level tile, the slow level the rest (tlm_jax/model/hope.py). Any sequence
+length works: a level pads its last chunk.
 """
 
 from tlm_jax import presets

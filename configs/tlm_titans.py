@@ -2,8 +2,8 @@
 
     --config configs/tlm_titans.py:SCALE[,TAPER] [--config.model.titans.variant=mal|mac]
 SCALE: tiny | 124m | 440m | 760m | 1.3b (default 760m). TAPER as in tlm_transformer.py.
-The sequence length must be a multiple of model.titans.chunk_size (mac: of
-model.titans.segment_size). model.persistent_tokens learned tokens are
+Any sequence length works (the memory pads its last chunk, mac its last
+segment). model.persistent_tokens learned tokens are
 prepended to every sequence (mac: to every segment's attention context).
 """
 

@@ -123,8 +123,7 @@ def test_the_level_split_keeps_the_taper_tile_and_gives_the_rest_to_the_slow_lev
       assert cfg.model.taper.tile == cfg.model.hope.level_tile
       report = taper.parity_report(cfg)
       assert report["param_difference"] == 0
-      if (scale, preset) != ("760m", "linear"):  # its repaired widths are not antisymmetric
-        assert report["flops_per_token"] == report["uniform_flops_per_token"], (scale, preset)
+      assert report["flops_per_token"] == report["uniform_flops_per_token"], (scale, preset)
     widths = taper.widths_from_config(helpers.load_config("tlm_hope_attention", scale))
     assert any(w % (4 * cfg.model.taper.tile) for w in widths)  # steps finer than 4 tiles
 

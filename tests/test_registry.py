@@ -42,7 +42,6 @@ def test_a_new_registry_entry_is_built_counted_tapered_and_reported(monkeypatch)
       mlp_params=registry.BACKBONES["hope_attention"].costs.mlp_params,
       mlp_flops=registry.BACKBONES["hope_attention"].costs.mlp_flops,
     ),
-    length_multiple=registry.BACKBONES["hope_attention"].length_multiple,
     own_fields=("gate", "gate_bias", "hope"),
     shapes={"124m": dict(mlp_width=1664)},
   )

@@ -34,7 +34,7 @@ from flax import nnx
 from tlm_jax import cli, restore
 from tlm_jax.data.tokenizers import Tokenizer
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm, registry
+from tlm_jax.model import lm
 
 Array = jax.Array
 _BUCKET = 64  # prefill and buffer lengths are rounded to multiples of this (above 64)
@@ -157,8 +157,7 @@ def generate_tokens(
   if max_new_tokens <= 0:
     return [[] for _ in prompts]
   lengths = np.array([len(p) for p in prompts], np.int32)
-  multiple = np.lcm(_BUCKET, registry.get(model.spec.backbone).length_multiple(model.spec))
-  total = int(-(-(lengths.max() + max_new_tokens) // multiple) * multiple)
+  total = int(-(-(lengths.max() + max_new_tokens) // _BUCKET) * _BUCKET)
   tokens = np.zeros((len(prompts), total), np.int32)
   for row, p in enumerate(prompts):
     tokens[row, : len(p)] = p

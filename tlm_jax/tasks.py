@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tlm_jax import sharding
 from tlm_jax.data.tokenizers import Tokenizer
 from tlm_jax.errors import ConfigError
-from tlm_jax.model import lm, registry
+from tlm_jax.model import lm
 
 MULTIPLE_CHOICE = (
   "piqa",
@@ -157,11 +157,10 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
   return [tokenizer.eos_id, *context_ids], whole[len(context_ids) :]
 
 
-def bucket(length: int, cap: int, multiple: int = 1) -> int:
-  """Padded length for `length` tokens: the next power of two (at least 16), a multiple of
-  `multiple`, at most cap rounded up to `multiple`."""
+def bucket(length: int, cap: int) -> int:
+  """Padded length for `length` tokens: the next power of two (at least 16), at most cap."""
   padded = max(16, 1 << (length - 1).bit_length())
-  return -(-min(padded, max(cap, length)) // multiple) * multiple
+  return min(padded, max(cap, length))
 
 
 @functools.cache
@@ -195,10 +194,7 @@ class Scorer:
 
   def __init__(self, model: lm.Decoder, seq_len: int, batch_size: int = 16):
     self.graphdef, self.params = nnx.split(model)
-    self.seq_len, self.multiple = (
-      seq_len,
-      registry.get(model.spec.backbone).length_multiple(model.spec),
-    )
+    self.seq_len = seq_len
     sample = jax.tree.leaves(self.params)[0].sharding
     self.mesh = sample.mesh if isinstance(sample, NamedSharding) else None
     parallel = 1
@@ -219,7 +215,7 @@ class Scorer:
     for i, (tokens, _) in enumerate(windows):
       if len(tokens) > self.seq_len + 1:
         raise ValueError(f"window of {len(tokens)} tokens is longer than seq_len + 1")
-      length = bucket(len(tokens) - 1, self.seq_len, self.multiple)
+      length = bucket(len(tokens) - 1, self.seq_len)
       by_length.setdefault(length, []).append(i)
     results: list[Any] = [None] * len(windows)
     for length, indices in sorted(by_length.items()):

@@ -24,8 +24,7 @@ def validation_batches(
 ) -> list[dict[str, np.ndarray]]:
   """The first `batches` validation batches {'inputs', 'targets'} (B, T): the same every call.
 
-  batch_size 0 keeps train.batch_size; the window length stays train.seq_len
-  (Titans and Hope need it to be a multiple of their chunk sizes).
+  batch_size 0 keeps train.batch_size; the window length stays train.seq_len, as trained.
   """
   if batches < 1 or batch_size < 0:
     raise ConfigError(f"--batches={batches} must be >= 1 and --batch_size={batch_size} >= 0")

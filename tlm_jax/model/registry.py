@@ -13,39 +13,27 @@ here, plus a `configs/tlm_NAME.py` that names it.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from tlm_jax.errors import ConfigError, did_you_mean
 from tlm_jax.model import costs
-from tlm_jax.spec import ModelSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """mixer / mlp: 'module:Class' of the model layer (model/backbones.py imports them), so this
-  table stays importable without JAX. length_multiple: the sequence lengths __call__ takes are
-  multiples of it. own_fields: `config.model` fields only this backbone reads. splash: its
-  attention masks are causal / sliding-window ones, which the splash kernel takes. shapes: what it
-  changes in presets.SCALES per scale, so its uniform model lands within 3% of the scale's
-  name (tests/test_taper.py checks every backbone x scale)."""
+  """mixer / mlp: 'module:Class' of the model layer (model/backbones.py imports them), so
+  this table stays importable without JAX; both take sequences of any length (a memory pads
+  its last chunk inside). own_fields: `config.model` fields only this backbone reads.
+  splash: its attention masks are causal / sliding-window ones, which the splash kernel
+  takes. shapes: what it changes in presets.SCALES per scale, so its uniform model lands
+  within 3% of the scale's name (tests/test_taper.py checks every backbone x scale)."""
 
   mixer: str
   mlp: str
   costs: costs.BackboneCosts
-  length_multiple: Callable[[ModelSpec], int] = lambda spec: 1
   own_fields: tuple[str, ...] = ()
   splash: bool = True
   shapes: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
-
-
-def _titans_length_multiple(spec: ModelSpec) -> int:
-  titans = spec.titans
-  return titans.segment_size if titans.variant == "mac" else titans.chunk_size
-
-
-def _hope_length_multiple(spec: ModelSpec) -> int:
-  return math.lcm(1, *(c for c in spec.hope.chunk_sizes if c))
 
 
 SWIGLU = "tlm_jax.model.layers:SwiGLU"
@@ -80,7 +68,6 @@ BACKBONES: dict[str, Backbone] = {
     mixer="tlm_jax.model.titans:Titans",
     mlp=SWIGLU,
     costs=costs.BackboneCosts(costs.titans_params, costs.titans_flops, **SWIGLU_COSTS),
-    length_multiple=_titans_length_multiple,
     own_fields=("titans",),
     splash=False,  # its prefix and segment masks
     shapes={  # 442M, 761M, 1.298B (mag)
@@ -95,7 +82,6 @@ BACKBONES: dict[str, Backbone] = {
     costs=costs.BackboneCosts(
       costs.attention_params, costs.attention_flops, costs.cms_params, costs.cms_flops
     ),
-    length_multiple=_hope_length_multiple,
     own_fields=("hope",),
     shapes={  # 443M, 764M, 1.301B
       "440m": dict(mlp_width=2048),
