@@ -62,12 +62,9 @@ def assert_same_batches(xs, ys):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  """The built-in corpus, built once for the session."""
-  path = tmp_path_factory.mktemp("tfds")
-  builders.source(make_config(path).data, "train")
-  return path
+@pytest.fixture(scope="module")
+def data_dir(builtin_data_dir):
+  return builtin_data_dir
 
 
 class TinyText(tfds.core.GeneratorBasedBuilder):

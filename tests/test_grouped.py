@@ -42,8 +42,8 @@ def small_config(data_dir, layers_mode: str, steps: int = STEPS):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("data")
+def data_dir(builtin_data_dir):
+  return builtin_data_dir
 
 
 @pytest.fixture(scope="module")
