@@ -91,7 +91,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def from_json(path: str) -> ml_collections.ConfigDict:
