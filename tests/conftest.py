@@ -6,7 +6,9 @@ corpus, and one trained tiny workdir.
 """
 
 import atexit
+import fcntl
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -27,6 +29,23 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """make(folder) once per session, whatever the number of pytest-xdist workers: the first
+  to ask makes it in the temp folder they share, the others wait for it. Returns what make
+  returned (a path)."""
+  shared = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    shared = shared.parent  # the workers' temp folders are gw0, gw1, ... in the first's
+  folder, done = shared / name, shared / f"{name}.done"
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file closes
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # left by a worker that failed midway
+      folder.mkdir()
+      done.write_text(str(make(folder)))
+  return pathlib.Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def builtin_data_dir(tmp_path_factory):
   """A TFDS data_dir holding the built-in corpus, prepared once: every test whose config
@@ -34,11 +53,13 @@ def builtin_data_dir(tmp_path_factory):
   import helpers
   from tlm_jax.data import builders
 
-  path = tmp_path_factory.mktemp("tfds")
-  config = helpers.load_config("demo")
-  config.data.data_dir = str(path)
-  builders.build_if_needed(config.data)
-  return path
+  def prepare(folder):
+    config = helpers.load_config("demo")
+    config.data.data_dir = str(folder)
+    builders.build_if_needed(config.data)
+    return folder
+
+  return made_once(tmp_path_factory, "tfds", prepare)
 
 
 @pytest.fixture(scope="session")
@@ -48,4 +69,4 @@ def tiny_workdir(tmp_path_factory):
   (shutil.copytree to its tmp_path)."""
   import helpers
 
-  return helpers.train_tiny_workdir(tmp_path_factory.mktemp("tiny_workdir"))
+  return made_once(tmp_path_factory, "tiny_workdir", helpers.train_tiny_workdir)

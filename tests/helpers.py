@@ -5,6 +5,8 @@ import importlib.util
 import json
 import pathlib
 
+from flax import nnx
+
 from tlm_jax import config as config_lib
 from tlm_jax import metrics, sharding, state
 from tlm_jax import workdir as workdir_lib
@@ -27,6 +29,12 @@ def load_module(relative_path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+# A model's logits through one compiled program, traced again only for a new graph (e.g.
+# after lm.set_layers_mode): called eagerly, op by op, a tiny Titans or Hope forward pass
+# costs three times the CPU.
+forward = nnx.jit(lambda model, tokens_BT: model(tokens_BT))
 
 
 def run_steps(config, batches, mesh_sizes, devices):
