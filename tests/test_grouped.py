@@ -22,9 +22,14 @@ STEPS = 6
 GROUPS = ((0, 1), (2, 3))  # small_config's layers in grouped mode
 
 
+MESH = dict(data=2, fsdp=2, tensor=2)
+
+
 def small_config(data_dir, layers_mode: str, steps: int = STEPS):
-  """configs/demo.py made small, with two widths of two layers each (two stacks)."""
+  """configs/demo.py made small, with two widths of two layers each (two stacks), on an
+  fsdp x tensor MESH: the runs below train with the steps the first test compiles."""
   config = helpers.load_config("demo")
+  config.mesh.update(MESH)
   config.model.update(d_model=64, mlp_width=256, num_heads=4, layers_mode=layers_mode)
   config.model.taper.update(schedule="stepped", steps=2)
   config.train.update(
@@ -58,10 +63,9 @@ def test_grouped_training_matches_unrolled_on_an_fsdp_tensor_mesh(data_dir):
   config = small_config(data_dir, "unrolled")
   data_iter = pipeline.make_iterator(config, "train")
   batches = [next(data_iter) for _ in range(2)]
-  mesh = dict(data=2, fsdp=2, tensor=2)
-  unrolled, state_u = run_steps(config, batches, mesh, jax.devices())
+  unrolled, state_u = run_steps(config, batches, MESH, jax.devices())
   config.model.layers_mode = "grouped"
-  grouped, state_g = run_steps(config, batches, mesh, jax.devices())
+  grouped, state_g = run_steps(config, batches, MESH, jax.devices())
 
   np.testing.assert_allclose(grouped, unrolled, rtol=1e-5)
   w_gate = state_g["params"]["stacks"][0]["mlp"]["w_gate"][...]
@@ -79,6 +83,7 @@ def test_grouped_training_matches_unrolled_on_an_fsdp_tensor_mesh(data_dir):
 def test_grouped_train_step_stacks_no_params(data_dir):
   """No concatenate in the step yields a stacked param's shape (stacking on the fly did)."""
   config = small_config(data_dir, "grouped")
+  config.mesh.update(data=1, fsdp=1, tensor=1)
   run = state.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   stacked = {
     "x".join(map(str, x.shape))
