@@ -3,6 +3,7 @@ tiny trained workdir."""
 
 import importlib.util
 import json
+import os
 import pathlib
 
 from flax import nnx
@@ -20,6 +21,13 @@ def load_config(name: str, arg: str | None = None):
   """A fresh config from configs/NAME.py[:ARG], as --config reads it."""
   path = REPO / "configs" / f"{name}.py"
   return config_lib.load(f"{path}:{arg}" if arg else str(path))
+
+
+def one_device_env() -> dict[str, str]:
+  """The environment of a CLI run on one CPU device, as a user runs it: conftest's XLA flags
+  without the 8 simulated devices."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+  return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
 def load_module(relative_path: str):

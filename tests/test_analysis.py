@@ -3,7 +3,6 @@
 import functools
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -300,7 +299,7 @@ def clis(tmp_path_factory, workdir):
       ("hyperfit", ["--workdir", str(workdir), *fit, "--prompt_tokens", "8", "--new_tokens", "8"]),
     ],
   )
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.one_device_env()
   procs = {kind: [] for kind in commands}
   for kind, items in commands.items():
     for i, (name, args) in enumerate(items):

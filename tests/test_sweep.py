@@ -54,13 +54,6 @@ def run(*args, env=None, timeout=600):
   )
 
 
-def one_device_env():
-  """Training subprocesses on one CPU device: the sweep is about orchestration, and one
-  device compiles fastest."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return dict(env, JAX_PLATFORMS="cpu")
-
-
 def sweep_args(root, data_dir, *extra):
   return [
     "launch/sweep.py",
@@ -79,10 +72,11 @@ def sweep_args(root, data_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def sweep_root(tmp_path_factory):
+def sweep_root(tmp_path_factory, builtin_data_dir):
   root = tmp_path_factory.mktemp("sweep")
-  data_dir = tmp_path_factory.mktemp("tfds")
-  result = run(*sweep_args(root, data_dir), env=one_device_env())
+  data_dir = builtin_data_dir
+  # Trainers on one CPU device: the sweep is about orchestration, and one compiles fastest.
+  result = run(*sweep_args(root, data_dir), env=helpers.one_device_env())
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
   return root, data_dir
 
@@ -104,7 +98,7 @@ def test_a_sweep_trains_every_run_and_a_rerun_trains_nothing(sweep_root):
   assert cosine["grid"] == {"seed": "1", "model.taper.schedule": "cosine"}
   before = {n: open(root / n / "metrics.jsonl").read() for n in NAMES}
 
-  again = run(*sweep_args(root, data_dir), env=one_device_env())
+  again = run(*sweep_args(root, data_dir), env=helpers.one_device_env())
   assert again.returncode == 0, again.stderr[-2000:]
   assert again.stdout.count("finished (step 4 of 4)") == 4
   assert "nothing to train" in again.stdout
