@@ -134,6 +134,9 @@ class TitansSpec:
     stale gradient is applied up to chunk_size times and momentum amplifies it,
     so the chunked rule can diverge where the token-by-token one does not; with
     the cap and forgetting the memory stays bounded. Unpublished (a departure).
+  remat_chunks: chunks per rematerialised group of the memory scan: the backward
+    pass keeps the memory state only at group boundaries and recomputes inside a
+    group (0: keep every chunk's state).
   """
 
   variant: str = "mag"  # mag (memory as a gate) | mal (memory as a layer) | mac (context)
@@ -145,12 +148,14 @@ class TitansSpec:
   mag_combine: str = "gate"
   unroll: bool = False
   max_grad_norm: float = 20.0
+  remat_chunks: int = 0
 
   def validate(self) -> None:
     check_choice("model.titans.variant", self.variant, TITANS_VARIANTS)
     check_choice("model.titans.mag_combine", self.mag_combine, TITANS_MAG_COMBINES)
     fields = ("chunk_size", "memory_depth", "memory_width", "segment_size")
     check_ints("model.titans", {f: getattr(self, f) for f in fields}, 1)
+    check_ints("model.titans", dict(remat_chunks=self.remat_chunks), 0)
     require(self.max_inner_lr >= 0, f"model.titans.max_inner_lr={self.max_inner_lr} must be >= 0")
     require(
       self.max_grad_norm >= 0, f"model.titans.max_grad_norm={self.max_grad_norm} must be >= 0"
@@ -176,6 +181,9 @@ class HopeSpec:
   max_step: trust region of an in-context update, relative to each weight
     matrix's norm (0: plain gradient steps, which diverge at high outer lr).
   unroll: unroll the scans over chunks, for XLA's FLOP count of the compiled step.
+  remat_chunks: chunks per rematerialised group of an in-context level's scan:
+    the backward pass keeps the level's weights only at group boundaries and
+    recomputes inside a group (0: keep every chunk's weights).
   """
 
   chunk_sizes: tuple[int, ...] = (16, 64, 0)  # tokens between in-context updates; 0: ordinary
@@ -184,6 +192,7 @@ class HopeSpec:
   max_step: float = 0.1
   level_tile: int = 128  # each level's width is a multiple of this
   unroll: bool = False
+  remat_chunks: int = 0
 
   def validate(self) -> None:
     sizes, fractions, lrs = self.chunk_sizes, self.width_fractions, self.inner_lrs
@@ -201,6 +210,7 @@ class HopeSpec:
       f"model.hope.width_fractions={fractions} must be positive and sum to 1",
     )
     check_ints("model.hope", dict(level_tile=self.level_tile), 1)
+    check_ints("model.hope", dict(remat_chunks=self.remat_chunks), 0)
     require(
       min(lrs) >= 0 and self.max_step >= 0,
       f"model.hope.inner_lrs={lrs} and model.hope.max_step={self.max_step} must be >= 0",
