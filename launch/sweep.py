@@ -4,6 +4,8 @@
         --grid 'model.taper.schedule=uniform,cosine' --grid 'seed=0,1' \
         [--parallel 2] [--dry-run] [-- --config.train.steps=300 ...]
     python launch/sweep.py --preset demo_taper && python -m tlm_jax.report workdirs/demo_taper
+    python launch/sweep.py --preset paper_124m [--dry-run] -- --config.data.source=local \
+        --config.data.files=CORPUS --config.data.spm_model=M.model   # the 124m table, one GPU
     python launch/sweep.py --preset thirds --root gs://BUCKET/thirds \
         --tpu_vm '--name tlm --zone us-west4-a'   # print launch/tpu_vm.py commands instead
 
@@ -43,6 +45,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -59,6 +62,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # brings back to it (2.0/0.5 -> 1.6/0.4, 1.5/1.0 -> 1.2/0.8).
 RATIO_PAIRS = "(1.25,0.75),(1.5,0.5),(1.75,0.25),(2.0,0.5),(1.5,1.0)"
 BACKBONE_CONFIGS = ",".join(f"configs/tlm_{b}.py:760m" for b in registry.BACKBONES)
+PAPER_124M_CONFIGS = ",".join(f"configs/paper_124m.py:{b}" for b in registry.BACKBONES)
+# Tokens/s of one H100 at 124m, batch 32 x 1024, bf16, uniform (BENCHMARKS.md, 2026-11-25).
+# Hope-attention and Titans are unmeasured there: the estimate takes them at half the
+# Transformer's, the throughput target they are held to.
+H100_124M_TOKENS_PER_SEC = {"transformer": 443_191, "gated_attention": 409_380}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +78,12 @@ class Preset:
   config: str | None = None
   root: str | None = None
   overrides: tuple[str, ...] = ()
+  tokens_per_sec: dict[str, float] | None = None  # per backbone, for the --dry-run estimate
 
 
-# thirds, schedules and backbones train 32K-vocabulary models: give them a tokenizer after
-# `--` (--config.data.tokenizer=sentencepiece --config.data.spm_model=M.model), or train
-# refuses the unused vocabulary rows (data.allow_unused_vocab).
+# thirds, schedules, backbones and paper_124m train 32K-vocabulary models: give them a
+# tokenizer after `--` (--config.data.tokenizer=sentencepiece --config.data.spm_model=M.model),
+# or train refuses the unused vocabulary rows (data.allow_unused_vocab).
 PRESETS = {
   "thirds": Preset(
     "the paper's controlled experiment at 440m: uniform vs 1.5x on one third",
@@ -95,6 +104,12 @@ PRESETS = {
   "backbones": Preset(
     "the four backbones at 760m, uniform vs the paper's cosine 1.5 -> 0.5",
     blocks=((f"config={BACKBONE_CONFIGS}", "taper=uniform,cosine"),),
+  ),
+  "paper_124m": Preset(
+    "the paper's table at 124m on one GPU: 4 backbones x uniform/cosine/reverse x 3 seeds",
+    blocks=((f"config={PAPER_124M_CONFIGS}", "taper=uniform,cosine,reverse", "seed=0,1,2"),),
+    root="workdirs/paper_124m",
+    tokens_per_sec=H100_124M_TOKENS_PER_SEC,
   ),
   "demo_taper": Preset(
     "configs/demo.py with uniform / cosine / reverse x 3 seeds, 300 steps each (CPU)",
@@ -288,8 +303,27 @@ def write_sweep_json(root: str, runs: list[Run]) -> None:
     f.write("\n")
 
 
-def run_local(runs: list[Run], steps: dict[str, int], args: argparse.Namespace) -> int:
+def budget_lines(configs: dict[str, Any], tokens_per_sec: dict[str, float] | None) -> list[str]:
+  """The sweep's training tokens and, where a preset gives measured throughput, the wall time
+  they imply on one GPU (runs one after another)."""
+  tokens = {n: c.train.steps * c.train.batch_size * c.train.seq_len for n, c in configs.items()}
+  lines = [f"token budget: {sum(tokens.values()) / 1e9:.2f}B tokens in {len(tokens)} run(s)"]
+  if tokens_per_sec:
+    fallback = tokens_per_sec["transformer"] / 2
+    seconds = sum(
+      t / tokens_per_sec.get(configs[n].model.backbone, fallback) for n, t in tokens.items()
+    )
+    unmeasured = sorted({c.model.backbone for c in configs.values()} - set(tokens_per_sec))
+    assumed = f" ({', '.join(unmeasured)} assumed at half the Transformer's)" if unmeasured else ""
+    lines.append(
+      f"one H100, runs in turn: about {seconds / 3600:.1f} h at the measured 124m tokens/s{assumed}"
+    )
+  return lines
+
+
+def run_local(runs: list[Run], configs: dict[str, Any], args: argparse.Namespace) -> int:
   """Train what is left; returns the number of failed runs."""
+  steps = {name: config.train.steps for name, config in configs.items()}
   todo = []
   for run in runs:
     workdir = os.path.join(args.root, run.name)
@@ -303,6 +337,7 @@ def run_local(runs: list[Run], steps: dict[str, int], args: argparse.Namespace) 
       print(f"# {run.name}: {what}\n{shlex.join(['python', *train_argv(run, workdir)])}")
   if args.dry_run:
     print(f"{len(todo)} run(s) would train; nothing was run")
+    print("\n".join(budget_lines(configs, args.tokens_per_sec)))
     return 0
   write_sweep_json(args.root, runs)
   if not todo:
@@ -393,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Run], dict[str, int]]:
-  """Parse the command line and resolve every run's config; raises ConfigError."""
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Run], dict[str, Any]]:
+  """Parse the command line and resolve every run's config (by run name); raises ConfigError."""
   cut = argv.index("--") if "--" in argv else len(argv)
   args = build_parser().parse_args(argv[:cut])
   common = argv[cut + 1 :]
@@ -405,6 +440,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Run], dict[str, int
     raise ConfigError(f"--parallel={args.parallel} must be at least 1")
   preset = PRESETS[args.preset] if args.preset else Preset("", blocks=((),))
   args.root = args.root or preset.root
+  args.tokens_per_sec = preset.tokens_per_sec
   if not args.root:
     raise ConfigError("--root DIR is required (where the runs' workdirs go)")
   if not args.preset and not args.grid:
@@ -416,18 +452,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Run], dict[str, int
     replaced = [mine.get(axis_keys(a), a) for a in block]
     blocks.append(replaced + [a for a in args.grid if a not in replaced])
   runs = expand(blocks, args.config or preset.config, list(preset.overrides) + common, args.root)
-  steps = {}
+  configs = {}
   for run in runs:
     try:
-      steps[run.name] = resolve(run).train.steps
+      configs[run.name] = resolve(run)
     except ConfigError as e:
       raise ConfigError(f"run {run.name}: {e}") from e
-  return args, runs, steps
+  return args, runs, configs
 
 
 def main(argv: list[str] | None = None) -> int:
   try:
-    args, runs, steps = parse(sys.argv[1:] if argv is None else list(argv))
+    args, runs, configs = parse(sys.argv[1:] if argv is None else list(argv))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
@@ -435,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.tpu_vm is not None:
     print_tpu_vm(runs, args)
     return 0
-  return 1 if run_local(runs, steps, args) else 0
+  return 1 if run_local(runs, configs, args) else 0
 
 
 if __name__ == "__main__":

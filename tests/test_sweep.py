@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -283,6 +284,20 @@ def test_presets_expand_to_the_papers_grids(capsys):
     "--config.model.taper.end=0.5"
   )
   assert len(commands) == 4
+
+
+def test_the_paper_124m_grid_dry_run_gives_its_budget(capsys, tmp_path):
+  argv = ["--preset", "paper_124m", "--root", str(tmp_path / "p"), "--dry-run"]
+  assert sweep_lib.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "36 run(s) would train" in out
+  assert "config=paper_124m-titans_taper=reverse_seed=2: train" in out
+  # 36 runs x 15,000 steps x 32 x 1024 tokens.
+  assert "token budget: 17.69B tokens in 36 run(s)" in out
+  hours = float(re.search(r"about ([0-9.]+) h", out).group(1))
+  # 18 runs at the measured Transformer/gated rates, 18 at half the Transformer's.
+  assert 15 < hours < 19 and "hope_attention, titans assumed" in out
+  assert not (tmp_path / "p").exists()
 
 
 def test_help():
