@@ -47,9 +47,6 @@ import sys
 import time
 from typing import Any
 
-from absl import flags
-from ml_collections import config_flags
-
 from tlm_jax import cli, presets, taper
 from tlm_jax import config as config_lib
 from tlm_jax import workdir as workdir_lib
@@ -231,15 +228,7 @@ def expand(blocks: list[list[str]], config: str | None, common: list[str], root:
 
 def resolve(run: Run):
   """The run's config exactly as the trainer will see it, validated (widths included)."""
-  config = cli.load_config(local_config(run.config), cli.override_keys(run.overrides))
-  argv = ["sweep", *run.overrides]
-  values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
-  try:
-    values(argv)
-  except flags.Error as e:
-    raise ConfigError(str(e)) from e
-  config = holder.value
+  config = cli.config_from_args(local_config(run.config), run.overrides)
   config_lib.validate(config)
   taper.widths_from_config(config)
   return config

@@ -7,6 +7,7 @@ files into a temporary HOME and runs the remote scripts there with bash.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -19,6 +20,8 @@ import tempfile
 import time
 
 import pytest
+
+from tlm_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPUS = "gcloud compute tpus"
@@ -421,3 +424,20 @@ def test_real_mode_setup_run_resume(fake_vm):
     assert p.returncode != 0 and "CREATING" in p.stderr
   finally:
     pathlib.Path(tempfile.gettempdir(), f"tlm_jax_{name}.tar.gz").unlink(missing_ok=True)
+
+
+def test_fit_table_rows_carry_the_overrides_they_were_compiled_with():
+  spec = importlib.util.spec_from_file_location("fit_table", REPO / "launch" / "fit_table.py")
+  fit_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fit_table)
+  overrides = ("--config.train.seq_len=4096", "--config.model.attention_impl=splash")
+  rows = fit_table.configs(["transformer", "titans"], ["440m"], ["cosine"], overrides)
+  suffix = " train.seq_len=4096 model.attention_impl=splash"
+  assert [name for name, _ in rows] == [
+    "tlm_transformer.py:440m,cosine" + suffix,
+    "tlm_titans.py:440m,cosine" + suffix,
+    "xformer.py:440m" + suffix,
+  ]
+  config = cli.config_from_args(str(REPO / rows[1][1]), overrides)
+  assert (config.train.seq_len, config.model.attention_impl) == (4096, "splash")
+  assert config.model.backbone == "titans"

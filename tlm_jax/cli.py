@@ -135,6 +135,16 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     raise ConfigError(str(e).replace("\n", "; ")) from None
 
 
+def config_from_args(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config a command given `--config SPEC OVERRIDES...` reads (--config.KEY=VALUE
+  overrides), for launchers that pass the same flags on to commands (sweep, fit_table)."""
+  argv = ["prog", "--config", spec, *overrides]
+  values = flags.FlagValues()
+  holder = config_flag(values, argv)
+  parse_flags(argv, values)
+  return holder.value
+
+
 def _exit_with(error: ConfigError) -> None:
   print(f"error: {error}", file=sys.stderr, flush=True)
   sys.exit(2)
