@@ -10,11 +10,14 @@ import grain
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from tlm_jax.data import builders, pipeline, tokenizers
+from tlm_jax import config as config_lib
+from tlm_jax.data import builders, pipeline, pretokenize, tokenizers
 from tlm_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +33,7 @@ def make_config(data_dir, batch_size=4, seq_len=32, seed=0, **data):
       text_field="text",
       tokenizer="byte",
       spm_model="",
+      hf_tokenizer="",
       worker_count=0,
       pretokenized=False,
     )
@@ -146,6 +150,68 @@ def test_tfds_dataset_by_name_through_pipeline(tmp_path):
   assert len(got) == len(want) // (2 * 17) * 2 * 17
   np.testing.assert_array_equal(got, want[: len(got)])
   assert sorted(builders.source(config.data, "train")) == sorted(TinyText.DOCS["train"])
+
+
+@pytest.fixture(scope="module")
+def jsonl_and_parquet(tmp_path_factory):
+  """Configs of the same 3000 short documents as a JSONL file and as a Parquet file of 8 row
+  groups with another column beside the text."""
+  folder = tmp_path_factory.mktemp("formats")
+  texts = [f"document {i}: " + "naïve words " * (i % 13) + "\n" * (i % 3) for i in range(3000)]
+  (folder / "docs.jsonl").write_text("".join(json.dumps(dict(text=t)) + "\n" for t in texts))
+  table = pa.table(dict(id=range(len(texts)), text=texts))
+  pq.write_table(table, folder / "docs.parquet", row_group_size=400)
+  return [
+    make_config(folder / "tfds", batch_size=8, seq_len=64, source="local", files=str(file))
+    for file in (folder / "docs.jsonl", folder / "docs.parquet")
+  ]
+
+
+def test_parquet_gives_the_batches_of_the_same_jsonl_and_resumes_alike(jsonl_and_parquet):
+  jsonl, parquet = jsonl_and_parquet
+  for split in ("train", "validation"):
+    docs = list(builders.source(parquet.data, split))
+    assert docs == list(builders.source(jsonl.data, split))
+  assert len(docs) >= 1 and len(list(builders.source(parquet.data, "train"))) > 2800
+  assert builders.source(jsonl.data, "train").name != builders.source(parquet.data, "train").name
+  want = take(pipeline.make_iterator(jsonl, "train"), 12)
+  it = pipeline.make_iterator(parquet, "train")
+  assert_same_batches(take(it, 7), want[:7])
+  resumed = pipeline.make_iterator(parquet, "train")
+  resumed.set_state(it.get_state())
+  assert_same_batches(take(resumed, 5), want[7:])
+  assert_same_batches(
+    take(pipeline.make_iterator(parquet, "validation", num_epochs=1), 100),
+    take(pipeline.make_iterator(jsonl, "validation", num_epochs=1), 100),
+  )
+
+
+def test_parquet_pretokenizes_to_the_windows_of_the_same_jsonl(jsonl_and_parquet):
+  windows = []
+  for config in jsonl_and_parquet:
+    counts = pretokenize.build(config, ["train", "validation"])
+    assert counts["train"] > 100
+    windows.append(pretokenize.open_windows(config, "train"))
+  assert len(windows[0]) == len(windows[1])
+  rows = np.arange(len(windows[0]))
+  np.testing.assert_array_equal(windows[1].read(rows), windows[0].read(rows))
+
+
+def test_parquet_errors_name_the_column_and_row(tmp_path):
+  def local(file):
+    return make_config(tmp_path / "tfds", source="local", files=str(file)).data
+
+  pq.write_table(pa.table(dict(body=["a", "b"], n=[1, 2])), tmp_path / "body.parquet")
+  with pytest.raises(
+    ConfigError, match=r"data\.text_field='text' \(its columns: body \(string\), n"
+  ):
+    builders.source(local(tmp_path / "body.parquet"), "train")
+  pq.write_table(pa.table(dict(text=["a", None, "c"])), tmp_path / "gap.parquet")
+  with pytest.raises(ConfigError, match=r"gap\.parquet row 1: 'text' is null"):
+    builders.source(local(tmp_path / "gap.parquet"), "train")
+  (tmp_path / "fake.parquet").write_text("not parquet")
+  with pytest.raises(ConfigError, match=r"fake\.parquet is not a Parquet file"):
+    builders.source(local(tmp_path / "fake.parquet"), "train")
 
 
 # --- pipeline -----------------------------------------------------------------
@@ -279,7 +345,40 @@ def test_sentencepiece_round_trip_and_bytes(data_dir, spm_model):
   assert tok.bytes_per_token[tok.eos_id] == 1
 
 
-def test_sentencepiece_cli_trains_on_the_configs_data(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def hf_tokenizer(data_dir, tmp_path_factory):
+  docs = builders.source(make_config(data_dir).data, "train")
+  prefix = tmp_path_factory.mktemp("hf") / "builtin"
+  return tokenizers.train_hf(docs, str(prefix), 512, max_bytes=300_000)
+
+
+def test_hf_tokenizer_round_trip_bytes_and_batches(data_dir, hf_tokenizer, tmp_path):
+  config = make_config(data_dir, tokenizer="hf", hf_tokenizer=hf_tokenizer)
+  tok = tokenizers.make_tokenizer(config.data)
+  assert tok.vocab_size == 512 and tok.eos_id == 0 and tok.bytes_per_token.shape == (512,)
+  docs = builders.source(config.data, "validation")
+  for text in (docs[0][:3000], "  indented:\n\tnaïve 東京 ✓ 🙂\n", "text <|endoftext|> text"):
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32 and tok.eos_id not in ids  # a written separator is text
+    assert tok.decode(np.append(ids, tok.eos_id)) == text
+    assert tok.bytes_per_token[ids].sum() == len(text.encode())
+  assert len(tok.encode(docs[0])) < len(docs[0].encode()) / 2
+  # A folder holding tokenizer.json (as a Hub download is) reads the same.
+  (tmp_path / "tokenizer.json").write_bytes(open(hf_tokenizer, "rb").read())
+  np.testing.assert_array_equal(
+    tokenizers.HFTokenizer(str(tmp_path)).encode(docs[0]), tok.encode(docs[0])
+  )
+  got = stream(take(pipeline.make_iterator(config, "validation"), 3))
+  np.testing.assert_array_equal(got, expected_stream(tok, docs)[: len(got)])
+  model = ml_collections.ConfigDict(dict(model=dict(vocab_size=256), data=config.data))
+  with pytest.raises(ConfigError, match="tokenizer has 512 ids but model.vocab_size=256"):
+    config_lib.check_vocab(model, tok.vocab_size)
+
+
+@pytest.mark.parametrize(
+  "kind, file, field", [("sentencepiece", "m.model", "spm_model"), ("hf", "m.json", "hf_tokenizer")]
+)
+def test_tokenizer_cli_trains_on_the_configs_data(data_dir, tmp_path, kind, file, field):
   config_file = tmp_path / "cfg.py"
   fields = make_config(data_dir).to_dict()
   config_file.write_text(
@@ -291,18 +390,20 @@ def test_sentencepiece_cli_trains_on_the_configs_data(data_dir, tmp_path):
       "-m",
       "tlm_jax.data.tokenizers",
       f"--config={config_file}",
-      f"--output={tmp_path}/spm/m",
+      f"--output={tmp_path}/tok/m",
       "--vocab_size=400",
       "--max_documents=50",
       "--max_bytes=100000",
+      f"--kind={kind}",
     ],
     cwd=REPO,
     capture_output=True,
     text=True,
     check=True,
   )
-  assert "data.spm_model=" in out.stdout
-  assert tokenizers.SentencePieceTokenizer(f"{tmp_path}/spm/m.model").vocab_size == 400
+  assert f"--config.data.tokenizer={kind} --config.data.{field}={tmp_path}/tok/{file}" in out.stdout
+  trained = make_config(data_dir, tokenizer=kind, **{field: f"{tmp_path}/tok/{file}"})
+  assert tokenizers.make_tokenizer(trained.data).vocab_size == 400
   assert "output" not in flags.FLAGS  # importing the module defines no flags
 
 
@@ -353,5 +454,7 @@ def test_config_errors_name_the_field(data_dir, tmp_path):
   )
   no_model = make_config(data_dir, tokenizer="sentencepiece", spm_model=str(tmp_path / "no.model"))
   raises(r"data\.spm_model", pipeline.make_iterator, no_model, "train")
+  no_json = make_config(data_dir, tokenizer="hf", hf_tokenizer=str(tmp_path))  # no tokenizer.json
+  raises(r"data\.hf_tokenizer=.*--kind hf", pipeline.make_iterator, no_json, "train")
   raises(r"data\.tokenizer", tokenizers.make_tokenizer, make_config(data_dir, tokenizer="bpe").data)
   raises(r"split 'test'", builders.source, make_config(data_dir).data, "test")

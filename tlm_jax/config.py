@@ -23,7 +23,7 @@ from tlm_jax.spec import ModelSpec, check_choice, check_ints, is_int, require
 
 LR_SCHEDULES = ("cosine", "constant", "wsd")
 DATA_SOURCES = ("builtin", "local", "tfds")
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "hf")
 DISTRIBUTED = ("auto", "yes", "no")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,10 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.source = "builtin"  # builtin (offline: Python reference docs + stdlib source) | local | tfds
   d.name = ""  # tfds only: a prepared TFDS dataset, e.g. "lm1b", "c4/en"
   d.data_dir = ""  # TFDS folder (local or gs://); "": $TFDS_DATA_DIR or ~/tensorflow_datasets
-  d.files = ""  # local only: glob(s) of .txt / .jsonl files, comma-separated
-  d.text_field = "text"  # JSONL key (local) or TFDS feature (tfds) holding the text
-  d.tokenizer = "byte"  # byte | sentencepiece
+  d.files = ""  # local only: glob(s) of .txt / .jsonl / .parquet files, comma-separated
+  d.text_field = "text"  # JSONL key / Parquet column (local) or TFDS feature (tfds) of the text
+  d.tokenizer = "byte"  # byte | sentencepiece | hf
   d.spm_model = ""  # SentencePiece .model path when tokenizer="sentencepiece"
+  d.hf_tokenizer = ""  # tokenizer.json path (or a folder holding one) when tokenizer="hf"
   # train refuses a model vocabulary far larger than the tokenizer's (rows never used)
   # unless this says it is intended
   d.allow_unused_vocab = False
@@ -80,6 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
   tr.checkpoint_every = 500
   tr.keep_checkpoints = 3
   tr.peak_flops = 0.0  # per device, for MFU; 0: look up by device kind
+  # (start, stop): a jax.profiler trace of steps start..stop-1 (numbered as in metrics.jsonl)
+  # in W/profile/; (): none
+  tr.profile_steps = ()
+  # Weights & Biases: the rows of metrics.jsonl, in one run across restarts (the extra
+  # `pip install 'tlm_jax[wandb]'`; WANDB_MODE=offline writes W/wandb/ only). project "": off
+  tr.wandb = ml_collections.ConfigDict(dict(project="", name="", tags=()))
   return c
 
 
@@ -191,6 +198,13 @@ def validate_train(tcfg: Any) -> None:
     f"train.batch_size={tcfg.batch_size} must split into train.grad_accum={tcfg.grad_accum} "
     "equal microbatches",
   )
+  profile = tuple(tcfg.profile_steps)
+  require(
+    not profile
+    or (len(profile) == 2 and all(is_int(s, 1) for s in profile) and profile[0] < profile[1]),
+    f"train.profile_steps={profile} must be () or (start, stop) with 1 <= start < stop, "
+    "e.g. (10, 13) traces steps 10, 11 and 12",
+  )
 
 
 def validate_data(dcfg: Any) -> None:
@@ -203,7 +217,7 @@ def validate_data(dcfg: Any) -> None:
   )
   require(
     dcfg.source != "local" or bool(dcfg.files),
-    "data.source='local' needs data.files (glob(s) of .txt / .jsonl files)",
+    "data.source='local' needs data.files (glob(s) of .txt / .jsonl / .parquet files)",
   )
 
 
@@ -223,7 +237,8 @@ def check_vocab(config: Any, tokenizer_vocab: int) -> None:
     f"model.vocab_size={vocab} but the {config.data.tokenizer} tokenizer has "
     f"{tokenizer_vocab} ids: {unused:,} embedding rows would never be used. Train a tokenizer "
     "of that size (python -m tlm_jax.data.tokenizers) and set data.tokenizer and "
-    "data.spm_model, or set data.allow_unused_vocab=True if this is intended",
+    "data.spm_model (or data.hf_tokenizer), or set data.allow_unused_vocab=True if this is "
+    "intended",
   )
 
 

@@ -1,4 +1,5 @@
-"""Where the text comes from: a built-in offline corpus, the user's files or a TFDS dataset.
+"""Where the text comes from: a built-in offline corpus, the user's files (text, JSONL,
+Parquet) or a TFDS dataset.
 
 All three are read the same way, as ArrayRecord files through `tfds.data_source`,
 so Grain gets random access (global shuffles, resumable positions) for free.
@@ -137,26 +138,77 @@ class LocalFilesConfig(tfds.core.BuilderConfig):
 
 
 class LocalFiles(_TextBuilder):
-  """The user's UTF-8 files: each .jsonl line is a document, any other file is one document.
+  """The user's files: each .jsonl line and each .parquet row is a document, any other
+  (UTF-8) file is one document.
 
-  A .jsonl line is a JSON object whose `data.text_field` holds the text. The
-  config name is a fingerprint of the paths, sizes, modification times and text
-  field, so a different (or edited) file set builds anew.
+  A .jsonl line is a JSON object whose `data.text_field` holds the text; a Parquet
+  file's text is its `data.text_field` column, read one batch of rows at a time (a
+  shard may be gigabytes). A document's key is its file's number in the sorted path
+  list and its number in that file, so the same text as JSONL or as Parquet is stored,
+  split and shuffled the same way. The config name is a fingerprint of the paths,
+  sizes, modification times and text field, so a different (or edited) file set builds
+  anew.
   """
+
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "First release.",
+    "1.1.0": "Parquet files; documents keyed by file and document number, not by path.",
+  }
 
   def _documents(self) -> Iterator[tuple[str, str]]:
     field = self.builder_config.text_field
-    for path in self.builder_config.paths:
-      try:
-        with open(path, encoding="utf-8") as f:
-          if not path.endswith(".jsonl"):
-            yield path, f.read()
-            continue
-          for i, line in enumerate(f, 1):
-            if line.strip():
-              yield f"{path}:{i}", _jsonl_text(line, field, f"{path}:{i}")
-      except UnicodeDecodeError as e:
-        raise ConfigError(f"data.files: {path} is not UTF-8 text ({e})") from e
+    for file_number, path in enumerate(self.builder_config.paths):
+      for doc_number, text in enumerate(_file_texts(path, field)):
+        yield f"{file_number}:{doc_number}", text
+
+
+def _file_texts(path: str, field: str) -> Iterator[str]:
+  if path.endswith(".parquet"):
+    yield from _parquet_texts(path, field)
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      if not path.endswith(".jsonl"):
+        yield f.read()
+        return
+      for i, line in enumerate(f, 1):
+        if line.strip():
+          yield _jsonl_text(line, field, f"{path}:{i}")
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"data.files: {path} is not UTF-8 text ({e})") from e
+
+
+# Parquet is read this many rows at a time (pyarrow reads about a row group at once), never
+# as a whole file.
+_PARQUET_BATCH_ROWS = 1024
+
+
+def _parquet_texts(path: str, field: str) -> Iterator[str]:
+  """The `field` column of a Parquet file, row by row. pyarrow is imported here: it takes a
+  third of a second, and only Parquet needs it."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  try:
+    parquet = pq.ParquetFile(path)
+  except pa.ArrowException as e:
+    raise ConfigError(f"data.files: {path} is not a Parquet file ({e})") from e
+  types = {column.name: column.type for column in parquet.schema_arrow}
+  kind = types.get(field, pa.null())
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    columns = ", ".join(f"{name} ({column_type})" for name, column_type in types.items())
+    raise ConfigError(
+      f"{path} has no text column data.text_field={field!r} (its columns: {columns}); "
+      "set data.text_field to the column holding the text"
+    )
+  row = 0
+  for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+    for text in batch.column(0).to_pylist():
+      if text is None:
+        raise ConfigError(f"{path} row {row}: {field!r} is null; drop the rows without text")
+      yield text
+      row += 1
 
 
 def _jsonl_text(line: str, field: str, where: str) -> str:
@@ -186,8 +238,8 @@ def local_config(files: str | Sequence[str], text_field: str) -> LocalFilesConfi
   )
   if not paths:
     raise ConfigError(
-      f"data.files={files!r} matches no file; give globs of .txt/.jsonl files, "
-      "e.g. --config.data.files='corpus/*.txt,more/*.jsonl'"
+      f"data.files={files!r} matches no file; give globs of .txt/.jsonl/.parquet files, "
+      "e.g. --config.data.files='corpus/*.txt,more/*.jsonl,shards/*.parquet'"
     )
   stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
   shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")

@@ -38,8 +38,9 @@ def cache_dir(config: ml_collections.ConfigDict) -> str:
   change to any of them never reads stale windows."""
   data = config.data
   tokenizer = data.tokenizer
-  if tokenizer == "sentencepiece":
-    tokenizer = hashlib.sha256(epath.Path(data.spm_model).read_bytes()).hexdigest()[:10]
+  if tokenizer != "byte":  # named by its file's content
+    file = data.spm_model if tokenizer == "sentencepiece" else tokenizers.hf_file(data.hf_tokenizer)
+    tokenizer = hashlib.sha256(epath.Path(file).read_bytes()).hexdigest()[:10]
   dataset = builders.source(data, "train").name.rsplit(":", 1)[0]
   key = f"{dataset}|{tokenizer}|{config.train.seq_len}"
   name = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
