@@ -59,15 +59,15 @@ def test_level_equals_the_sequential_rule(chunk_size, max_step):
 def test_an_update_sums_its_chunk_so_the_step_does_not_shrink_with_chunk_size():
   weights, w_value, u = level_inputs(length=4)
   twice = jnp.concatenate([u, u])  # the same 4 tokens twice: one chunk of 8
-  _, short = hope.in_context_level(weights, w_value, jnp.concatenate([u, u]), 4, 0.01)
-  _, long = hope.in_context_level(weights, w_value, jnp.concatenate([twice, twice]), 8, 0.01)
+  short = hope.weights_per_chunk(weights, w_value, jnp.concatenate([u, u]), 4, 0.01)
+  long = hope.weights_per_chunk(weights, w_value, jnp.concatenate([twice, twice]), 8, 0.01)
   for w0, s, l in zip(weights, short, long):
     np.testing.assert_allclose(l[1] - w0, 2 * (s[1] - w0), rtol=1e-4, atol=1e-7)
 
 
 def test_weights_change_only_at_multiples_of_the_chunk_size():
   weights, w_value, u = level_inputs()
-  _, used = hope.in_context_level(weights, w_value, u, 8, 0.01)
+  used = hope.weights_per_chunk(weights, w_value, u, 8, 0.01)
   assert used[0].shape[0] == 3  # one set of weights per chunk of 8 tokens
   for w0, chunks in zip(weights, used):
     np.testing.assert_array_equal(chunks[0], w0)
@@ -83,7 +83,8 @@ def test_weights_change_only_at_multiples_of_the_chunk_size():
 
 def test_the_trust_region_bounds_every_update_however_large_the_step():
   weights, w_value, u = level_inputs()
-  y, used = hope.in_context_level(weights, w_value, 10 * u, 4, 100.0, 0.1)
+  y, _ = hope.in_context_level(weights, w_value, 10 * u, 4, 100.0, 0.1)
+  used = hope.weights_per_chunk(weights, w_value, 10 * u, 4, 100.0, 0.1)
   assert jnp.all(jnp.isfinite(y))
   for chunks in used:
     moved = jnp.linalg.norm(chunks[1:] - chunks[:-1], axis=(1, 2))
@@ -101,8 +102,8 @@ def test_outer_gradients_reach_the_start_weights_and_value_map():
 def test_levels_compute_in_the_model_dtype_and_carry_float32_weights():
   weights, w_value, u = level_inputs()
   y32, _ = hope.in_context_level(weights, w_value, u, 8, 0.01, 0.1)
-  y16, used = hope.in_context_level(weights, w_value, u.astype(jnp.bfloat16), 8, 0.01, 0.1)
-  assert y16.dtype == jnp.bfloat16 and all(w.dtype == jnp.float32 for w in used)
+  y16, last = hope.in_context_level(weights, w_value, u.astype(jnp.bfloat16), 8, 0.01, 0.1)
+  assert y16.dtype == jnp.bfloat16 and all(w.dtype == jnp.float32 for w in last)
   np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=0.05 * float(jnp.abs(y32).max()))
   cfg = helpers.load_config("tlm_hope_attention", "tiny")
   cfg.model.dtype = "bfloat16"

@@ -103,6 +103,42 @@ def level_step(
   return y_CD, new
 
 
+def scan_chunks(
+  weights: Weights,
+  u_NCD: Array,
+  v_NCD: Array,
+  inner_lr: float,
+  max_step: float,
+  unroll: bool = False,
+  remat_chunks: int = 0,
+) -> tuple[Weights, Array]:
+  """N whole chunks through a level: the weights after the last, and the outputs (N, C, D).
+
+  remat_chunks=G > 0 scans over groups of G chunks, each group under jax.checkpoint: the
+  backward pass keeps the float32 weights only at the N/G group boundaries and recomputes a
+  group's chunks (and their inner steps) from its boundary, so it holds about N/G + G copies
+  of the weights instead of N (the remainder of N mod G chunks is one more group).
+  """
+
+  def chunk(weights, u_v):
+    y_CD, new = level_step(weights, *u_v, inner_lr, max_step)
+    return new, y_CD
+
+  run = lambda weights, chunks: jax.lax.scan(chunk, weights, chunks, unroll=unroll)
+  count = u_NCD.shape[0]
+  if not remat_chunks or remat_chunks >= count:
+    return run(weights, (u_NCD, v_NCD))
+  group = jax.checkpoint(run)
+  whole = count // remat_chunks * remat_chunks
+  grouped = lambda a: a[:whole].reshape(-1, remat_chunks, *a.shape[1:])
+  weights, y_GKCD = jax.lax.scan(group, weights, (grouped(u_NCD), grouped(v_NCD)), unroll=unroll)
+  y_NCD = y_GKCD.reshape(whole, *u_NCD.shape[1:])
+  if whole < count:
+    weights, y_rest = group(weights, (u_NCD[whole:], v_NCD[whole:]))
+    y_NCD = jnp.concatenate([y_NCD, y_rest])
+  return weights, y_NCD
+
+
 def in_context_level(
   weights0: Weights,
   w_value: Array,
@@ -111,28 +147,88 @@ def in_context_level(
   inner_lr: float,
   max_step: float = 0.0,
   unroll: bool = False,
+  remat_chunks: int = 0,
 ) -> tuple[Array, Weights]:
   """One sequence through a level updated every chunk_size tokens.
 
   Computes in u_TD's dtype; weights0 are carried (and returned) in float32.
-  Returns the level's outputs (T, D) and the weights used in each chunk
-  (stacked on a leading chunk axis), so tests can see when they change. Each
-  chunk costs one forward and one backward pass (`level_step`). Any T: the last
-  chunk is padded with zeros, which only the weights after it (unused) see.
+  Returns the level's outputs (T, D) and the weights after the last whole
+  chunk: those the sequence's next token would see. Each whole chunk costs one
+  forward and one backward pass (`level_step`); a partial last chunk (any T)
+  only its forward pass, as nothing uses its step. Per-chunk weights:
+  `weights_per_chunk`.
   """
-  length = u_TD.shape[0]
-  chunks = -(-length // chunk_size)
-  u_TD = jnp.pad(u_TD, ((0, chunks * chunk_size - length), (0, 0)))
+  length, dim = u_TD.shape
+  whole = length // chunk_size * chunk_size
+  weights = tuple(w.astype(jnp.float32) for w in weights0)
+  u_NCD = u_TD[:whole].reshape(-1, chunk_size, dim)
+  v_NCD = (u_NCD @ w_value.astype(u_TD.dtype)).astype(jnp.float32)
+  weights, y_NCD = scan_chunks(weights, u_NCD, v_NCD, inner_lr, max_step, unroll, remat_chunks)
+  y_TD = y_NCD.reshape(whole, dim)
+  if whole < length:
+    tail_y = swiglu(tuple(w.astype(u_TD.dtype) for w in weights), u_TD[whole:])
+    y_TD = jnp.concatenate([y_TD, tail_y])
+  return y_TD, weights
+
+
+def weights_per_chunk(
+  weights0: Weights,
+  w_value: Array,
+  u_TD: Array,
+  chunk_size: int,
+  inner_lr: float,
+  max_step: float = 0.0,
+) -> Weights:
+  """The weights each chunk of `in_context_level` uses, stacked on a leading chunk axis (for
+  tests and analyses; training never keeps them)."""
+  chunks = -(-u_TD.shape[0] // chunk_size)
+  u_TD = jnp.pad(u_TD, ((0, chunks * chunk_size - u_TD.shape[0]), (0, 0)))
+  u_NCD = u_TD.reshape(chunks, chunk_size, -1)
+  v_NCD = (u_NCD @ w_value.astype(u_TD.dtype)).astype(jnp.float32)
+  step = lambda weights, u_v: (level_step(weights, *u_v, inner_lr, max_step)[1], weights)
   weights0 = tuple(w.astype(jnp.float32) for w in weights0)
-  v_TD = (u_TD @ w_value.astype(u_TD.dtype)).astype(jnp.float32)
+  return jax.lax.scan(step, weights0, (u_NCD, v_NCD))[1]
 
-  def step(weights, chunk):
-    y_CD, new = level_step(weights, *chunk, inner_lr, max_step)
-    return new, (y_CD, weights)
 
-  split = lambda a_TD: a_TD.reshape(chunks, chunk_size, -1)
-  _, (y, used) = jax.lax.scan(step, weights0, (split(u_TD), split(v_TD)), unroll=unroll)
-  return y.reshape(u_TD.shape)[:length], used
+def level_decode(
+  weights: Weights,
+  w_value: Array,
+  buffer_CD: Array,
+  n: Array,
+  u_TD: Array,
+  inner_lr: float,
+  max_step: float,
+) -> tuple[Array, Weights, Array]:
+  """`in_context_level` continued by T tokens from a sequence whose current chunk holds n
+  (traced, < C) tokens so far, buffered in buffer_CD's first n rows.
+
+  The buffered and the new rows go into one array of K = ceil((C - 1 + T) / C) chunks
+  (the new ones at the traced offset n); a scan over its chunks gives each its outputs
+  and steps on the (n + T) // C whole ones (`level_step`, as in training; the steps
+  after the last whole chunk are skipped by a cond). Returns the new tokens' outputs,
+  the weights after the last whole chunk, and the next buffer: the rows of the
+  unfinished chunk.
+  """
+  chunk_size, (length, dim) = buffer_CD.shape[0], u_TD.shape
+  chunks = -(-(chunk_size - 1 + length) // chunk_size)
+  rows_LD = jnp.zeros((chunks * chunk_size, dim), u_TD.dtype)
+  rows_LD = jax.lax.dynamic_update_slice_in_dim(rows_LD, buffer_CD.astype(u_TD.dtype), 0, 0)
+  rows_LD = jax.lax.dynamic_update_slice_in_dim(rows_LD, u_TD, n, 0)  # n + T <= L
+  u_NCD = rows_LD.reshape(chunks, chunk_size, dim)
+  v_NCD = (u_NCD @ w_value.astype(u_TD.dtype)).astype(jnp.float32)
+  whole = (n + length) // chunk_size
+
+  def chunk(weights, j_u_v):
+    j, u_CD, v_CD = j_u_v
+    step = lambda w: level_step(w, u_CD, v_CD, inner_lr, max_step)[::-1]
+    forward = lambda w: (w, swiglu(tuple(a.astype(u_CD.dtype) for a in w), u_CD))
+    return jax.lax.cond(j < whole, step, forward, weights)
+
+  weights, y_NCD = jax.lax.scan(chunk, weights, (jnp.arange(chunks), u_NCD, v_NCD))
+  y_TD = jax.lax.dynamic_slice_in_dim(y_NCD.reshape(-1, dim), n, length)
+  # The unfinished chunk's rows; the slice start is clamped only when that chunk is empty.
+  buffer_CD = jax.lax.dynamic_slice_in_dim(rows_LD, whole * chunk_size, chunk_size)
+  return y_TD, weights, buffer_CD
 
 
 class CMS(nnx.Module):
@@ -143,6 +239,7 @@ class CMS(nnx.Module):
     self.chunk_sizes = spec.hope.chunk_sizes
     self.inner_lrs = spec.hope.inner_lrs
     self.max_step, self.unroll = spec.hope.max_step, spec.hope.unroll
+    self.remat_chunks = spec.hope.remat_chunks
     self.dtype = jnp.dtype(spec.dtype)
     self.levels = nnx.List()
     self.values = nnx.List()
@@ -176,42 +273,25 @@ class CMS(nnx.Module):
     return caches
 
   def decode(self, x_BTD: Array, cache: list[dict]) -> tuple[Array, list[dict]]:
-    """__call__ at the next T tokens of the sequence, a token at a time: a token's output
-    uses its level's current weights; the token that fills a chunk then takes the inner
-    step on it (`level_step`, as in training)."""
-    values = [v[...] for v in self.values]
-
-    def token(cache, x_BD):
-      u_BD = x_BD.astype(self.dtype)
-      out_BD, new, caches = jnp.zeros_like(u_BD), [], iter(zip(cache, values))
-      for level, chunk in enumerate(self.chunk_sizes):
-        if not chunk:
-          y_BD = swiglu(tuple(w[...].astype(self.dtype) for w in self.levels[level]), u_BD)
-        else:
-          level_cache, w_value_DD = next(caches)
-          y_BD, level_cache = self.level_token(level, u_BD, w_value_DD, level_cache)
-          new.append(level_cache)
-        u_BD, out_BD = u_BD + y_BD, out_BD + y_BD
-      return new, out_BD.astype(x_BD.dtype)
-
-    cache, out_TBD = jax.lax.scan(token, cache, jnp.moveaxis(x_BTD, 1, 0))
-    return jnp.moveaxis(out_TBD, 0, 1), cache
-
-  def level_token(
-    self, level: int, u_BD: Array, w_value_DD: Array, cache: dict
-  ) -> tuple[Array, dict]:
-    """One token through an in-context level: output and cache."""
-    weights, n, chunk = cache["weights"], cache["n"], self.chunk_sizes[level]
-    y_BD = jax.vmap(swiglu)(tuple(w.astype(self.dtype) for w in weights), u_BD)
-    u_BCD = jax.lax.dynamic_update_slice_in_dim(cache["u_BCD"], u_BD[:, None], n, axis=1)
-
-    def update(weights):
-      v_BCD = (u_BCD @ w_value_DD.astype(self.dtype)).astype(jnp.float32)
-      step = lambda w, u_CD, v_CD: level_step(w, u_CD, v_CD, self.inner_lrs[level], self.max_step)
-      return jax.vmap(step)(weights, u_BCD, v_BCD)[1]
-
-    weights = jax.lax.cond(n + 1 == chunk, update, lambda w: w, weights)
-    return y_BD, dict(weights=weights, u_BCD=u_BCD, n=(n + 1) % chunk)
+    """__call__ at the next T tokens of the sequence, level by level as in __call__: each
+    in-context level takes the T tokens in whole chunks (`level_decode`), stepping on every
+    chunk they finish, and buffers the rest of its unfinished chunk."""
+    u_BTD = x_BTD.astype(self.dtype)
+    out_BTD, new, caches = jnp.zeros_like(u_BTD), [], iter(zip(cache, self.values))
+    for level, chunk in enumerate(self.chunk_sizes):
+      if not chunk:
+        y_BTD = swiglu(tuple(w[...].astype(self.dtype) for w in self.levels[level]), u_BTD)
+      else:
+        level_cache, w_value_DD = next(caches)
+        n = level_cache["n"]
+        run = lambda weights, buffer_CD, u_TD: level_decode(
+          weights, w_value_DD[...], buffer_CD, n, u_TD, self.inner_lrs[level], self.max_step
+        )
+        y_BTD, weights, u_BCD = jax.vmap(run)(level_cache["weights"], level_cache["u_BCD"], u_BTD)
+        n = (n + x_BTD.shape[1]) % chunk
+        new.append(dict(weights=weights, u_BCD=u_BCD, n=n))
+      u_BTD, out_BTD = u_BTD + y_BTD, out_BTD + y_BTD
+    return out_BTD.astype(x_BTD.dtype), new
 
   def __call__(self, x_BTD: Array) -> Array:
     """The CMS's contribution: sum of the levels' residual updates."""
@@ -225,7 +305,7 @@ class CMS(nnx.Module):
         continue
       weights = tuple(w[...] for w in self.levels[level])
       w_value_DD = next(values)[...]
-      args = (chunk, self.inner_lrs[level], self.max_step, self.unroll)
+      args = (chunk, self.inner_lrs[level], self.max_step, self.unroll, self.remat_chunks)
       run = lambda u_TD: in_context_level(weights, w_value_DD, u_TD, *args)[0]
       y_BTD = jax.vmap(run)(u_BTD)
       u_BTD, out_BTD = u_BTD + y_BTD, out_BTD + y_BTD
