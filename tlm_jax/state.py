@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -51,7 +52,7 @@ class Setup:
   flops_per_token: int  # training FLOPs per token at train.seq_len
   mesh: Mesh
   graphdef: nnx.GraphDef
-  init_fn: Callable[[], dict[str, Any]]
+  init_fn: Callable[[], dict[str, Any]]  # the initial state on state_shardings (config.seed)
   train_step: Callable  # (state, batch) -> (state, {loss, grad_norm, bad_steps})
   abstract_state: dict[str, Any]
   state_shardings: dict[str, Any]
@@ -93,8 +94,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   )
   state_sh = dict(step=replicated, bad_steps=replicated, params=param_sh, opt_state=opt_sh)
 
-  def init() -> dict[str, Any]:
-    params = nnx.state(build())
+  def with_optimizer(params: nnx.State) -> dict[str, Any]:
     return dict(
       step=jnp.zeros((), jnp.int32),
       bad_steps=jnp.zeros((), jnp.int32),
@@ -102,7 +102,15 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
       opt_state=tx.init(params),
     )
 
-  abstract = _placed(jax.eval_shape(init), state_sh)
+  finish = jax.jit(with_optimizer, out_shardings=state_sh, donate_argnums=0)
+
+  def init() -> dict[str, Any]:
+    # Built outside jit: one jit around the Python-unrolled init compiled a random generator
+    # per param (minutes for a deep model on a GPU); run op by op, each draw is a small
+    # compiled call (jax.random.normal's own jit) shared by the params of its shape.
+    return finish(_put(nnx.state(build()), param_sh))
+
+  abstract = _placed(jax.eval_shape(lambda: with_optimizer(nnx.state(build()))), state_sh)
   batch_sh = sharding.batch_sharding(mesh)
   return Setup(
     spec=spec,
@@ -111,7 +119,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     flops_per_token=budget.flops_per_token(spec, widths, residual, config.train.seq_len),
     mesh=mesh,
     graphdef=graphdef,
-    init_fn=jax.jit(init, out_shardings=state_sh),
+    init_fn=init,
     train_step=make_train_step(graphdef, tx, config.train.grad_accum, state_sh, batch_sh),
     abstract_state=abstract,
     state_shardings=state_sh,
@@ -127,6 +135,17 @@ def abstract_params(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.
   check_mesh(config, mesh)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config)))
   return graphdef, _placed(params, sharding.state_shardings(params, mesh))
+
+
+def _put(tree: Any, shardings: Any) -> Any:
+  """Arrays built on one device as global arrays on `shardings`, through the host: every
+  process built the same values, so each fills its own shards (no cross-process check)."""
+
+  def one(x: jax.Array, s: NamedSharding) -> jax.Array:
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shardings)
 
 
 def _placed(tree: Any, shardings: Any) -> Any:
