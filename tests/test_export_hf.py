@@ -109,3 +109,185 @@ def test_logits_match_through_auto_model(name, workdirs, exports):
   diff = np.abs(torch_logits(model) - jax_logits(workdirs[name])).max()
   print(f"{name}: max abs logit difference {diff:.2e}")
   assert diff < 1e-4
+
+
+def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports):
+  d = exports["llama"]
+  assert not [f for f in os.listdir(d) if f.endswith(".py")]  # no remote code
+  model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
+  widths = workdir_lib.read_widths(workdirs["transformer"])
+  assert model.config.intermediate_size == max(widths)
+  diff = np.abs(torch_logits(model) - jax_logits(workdirs["transformer"])).max()
+  print(f"llama: max abs logit difference {diff:.2e}")
+  assert diff < 1e-4
+  padding = json.load(open(os.path.join(d, export_hf.INFO)))["padding"]
+  tapered = transformers.AutoModelForCausalLM.from_pretrained(
+    exports["transformer"], trust_remote_code=True
+  )
+  assert padding["params"] == tapered.num_parameters()
+  assert padding["padded_params"] == model.num_parameters()
+  print(f"llama padding: {padding}")
+  assert padding["params_overhead"] > 0 and padding["flops_overhead"] > 0
+
+
+@pytest.mark.parametrize("name", ["transformer", "llama", "gated_elementwise_bias_grouped"])
+def test_load_reads_back_the_same_params(name, workdirs, exports):
+  workdir = workdirs["transformer" if name == "llama" else name]
+  ours = dict(nnx.to_flat_state(restore.latest(workdir).params))
+  loaded = dict(nnx.to_flat_state(nnx.state(export_hf.load(exports[name]), nnx.Param)))
+  assert loaded.keys() == ours.keys()
+  for key, variable in ours.items():
+    a, b = np.asarray(jax.device_get(variable[...])), np.asarray(loaded[key][...])
+    assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
+
+
+def test_greedy_generate_with_cache_and_left_padding_matches_ours(workdirs, exports):
+  name = "gated_headwise_tied"
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exports[name], trust_remote_code=True)
+  model = transformers.AutoModelForCausalLM.from_pretrained(exports[name], trust_remote_code=True)
+  prompts = ["the cat", "a longer prompt, about a dog and a log"]
+  batch = tokenizer(prompts, return_tensors="pt", padding=True)
+  assert batch.attention_mask[0, 0] == 0  # the short prompt is padded on the left
+  with torch.no_grad():
+    out = model.generate(**batch, max_new_tokens=16, do_sample=False)
+  theirs = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+  restored = restore.latest(workdirs[name])
+  ours = generate.generate(restored.model, restored.tokenizer, prompts, max_new_tokens=16)
+  assert theirs == ours and all(ours)
+
+
+BYTE_TEXTS = [
+  "hello world",
+  "  def f(x):\n\treturn x  ",
+  "héllo wörld 日本語 🙂",
+  "a\0b",
+  "<|endoftext|>!",
+  "",
+]
+
+
+def check_tokenizer(hf, ours, texts):
+  for text in texts:
+    ids = [int(i) for i in ours.encode(text)]
+    assert hf(text, add_special_tokens=False).input_ids == ids, text
+    assert hf(text).input_ids == [ours.eos_id, *ids], text
+    assert hf.decode([ours.eos_id, *ids], skip_special_tokens=True) == ours.decode(ids), text
+
+
+def test_auto_tokenizer_encodes_and_decodes_as_bytes(exports):
+  hf = transformers.AutoTokenizer.from_pretrained(exports["llama"])  # no remote code
+  ours = tokenizers.ByteTokenizer()
+  check_tokenizer(hf, ours, BYTE_TEXTS)
+  cut = [104, 0, 226, 130, 105]  # a separator and a character cut short
+  assert hf.decode(cut, skip_special_tokens=True) == ours.decode(cut)
+
+
+def test_auto_tokenizer_encodes_and_decodes_as_sentencepiece(tmp_path):
+  corpus = ["def add(a, b):\n    return a + b  # 1234", "the cat sat on the mat, 42 times."] * 50
+  path = tokenizers.train_sentencepiece(corpus, str(tmp_path / "spm"), 320)
+  config = tiny_config("transformer")
+  config.data.update(tokenizer="sentencepiece", spm_model=path)
+  ours = tokenizers.make_tokenizer(config.data)
+  export_hf.write_tokenizer(str(tmp_path), config.data, ours, 64)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  texts = [
+    "def add(a, b):\n    return a + b",
+    "the  cat   sat on 12345 mats",
+    "  leading and trailing  ",
+    "unseen: Zürich ∑ 日本 🙂",
+    "</s> and <unk> as text",
+  ]
+  check_tokenizer(hf, ours, texts)
+
+
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("backbone", "titans"),
+    ("backbone", "hope_attention"),
+    ("attention_window", 16),
+    ("persistent_tokens", 4),
+    ("residual.schedule", "xshape"),
+  ],
+)
+def test_unexported_models_name_the_field(field, value):
+  config = tiny_config("transformer")
+  config.model.update_from_flattened_dict({field: value})
+  spec = export_hf.config_lib.model_spec(config)
+  with pytest.raises(ConfigError, match=f"model.{field}="):
+    export_hf.check_exportable(spec, "tlm")
+
+
+def test_llama_format_refuses_the_gate():
+  spec = export_hf.config_lib.model_spec(tiny_config("gated_attention"))
+  with pytest.raises(ConfigError, match="model.backbone='gated_attention': --format llama"):
+    export_hf.check_exportable(spec, "llama")
+
+
+def test_cli_refuses_titans_in_one_line(tmp_path):
+  workdir_lib.write_config(str(tmp_path), helpers.load_config("tlm_titans", "tiny"))
+  result = subprocess.run(
+    [sys.executable, "-m", "tlm_jax.export_hf", "--workdir", str(tmp_path), "--out", "D"],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    env=helpers.one_device_env(),
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith("error: model.backbone='titans'")
+  assert result.stderr.count("\n") == 1 and not (tmp_path / "D").exists()
+
+
+def test_lm_eval_hf_model_scores_as_our_scorer(workdirs, exports, tmp_path):
+  """lm-eval's own `hf` model on the export, on the local YAML task of the adapter's test."""
+  from test_evaluate_tasks import PIQA, TINY_TASKS
+
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "tiny_mc.jsonl").write_text("\n".join(json.dumps(d) for d in PIQA))
+  (data / "tiny_mc.yaml").write_text(TINY_TASKS["tiny_mc.yaml"].format(data=data))
+  offline = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+  d = exports["gated_elementwise_bias_grouped"]
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lm_eval",
+      "--model",
+      "hf",
+      "--model_args",
+      f"pretrained={d},trust_remote_code=True,dtype=float32",
+      "--device",
+      "cpu",
+      "--batch_size",
+      "4",
+      "--tasks",
+      "tiny_mc",
+      "--include_path",
+      str(data),
+      "--output_path",
+      str(tmp_path / "out"),
+      "--log_samples",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    env=offline,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  (samples,) = [
+    os.path.join(root, f)
+    for root, _, files in os.walk(tmp_path / "out")
+    for f in files
+    if f.startswith("samples_tiny_mc")
+  ]
+  restored = restore.latest(workdirs["gated_elementwise_bias_grouped"])
+  scorer = tasks.Scorer(restored.model, 64, 4)
+  theirs, ours = [], []
+  for sample in map(json.loads, open(samples)):
+    arguments = sample["arguments"].values()
+    pairs = [tasks.encode_pair(restored.tokenizer, a["arg_0"], a["arg_1"]) for a in arguments]
+    ours += [s for s, _ in scorer.loglikelihood(pairs)]
+    theirs += [float(r[0][0]) for r in sample["resps"]]
+  assert len(ours) == 2 * len(PIQA)
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4)
