@@ -38,3 +38,5 @@ fi
 run .venv/bin/python -m pip install -q --no-deps -e .
 # The [eval] extra (pyproject.toml): lm-evaluation-harness for tlm_jax.lm_eval_adapter and its test.
 run .venv/bin/python -m pip install -q "lm-eval==0.4.13"
+# The [hf] extra: torch (CPU wheel), transformers, safetensors, accelerate for tlm_jax.export_hf.
+run .venv/bin/python -m pip install -q "torch==2.13.0" "transformers==5.18.0" "safetensors==0.8.0" "accelerate==1.15.0"

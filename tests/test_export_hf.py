@@ -3,10 +3,14 @@ computes the JAX model's logits, decodes greedily as tlm_jax.generate does, its 
 encodes as ours, lm-eval's `hf` model scores as our Scorer, and the export reads back into
 the same params bit for bit."""
 
+import ast
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
+import tomllib
 
 import grain
 import jax
@@ -291,3 +295,29 @@ def test_lm_eval_hf_model_scores_as_our_scorer(workdirs, exports, tmp_path):
     theirs += [float(r[0][0]) for r in sample["resps"]]
   assert len(ours) == 2 * len(PIQA)
   np.testing.assert_allclose(theirs, ours, rtol=1e-4)
+
+
+def test_remote_code_imports_only_torch_and_transformers():
+  """The files copied into an export run where tlm_jax is not installed."""
+  allowed = {"torch", "transformers", "collections", "__future__"}
+  for path in pathlib.Path(export_hf.REMOTE_CODE_DIR).glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [] if node.level else [node.module]  # relative: a sibling file of the export
+      else:
+        continue
+      assert {n.split(".")[0] for n in names} <= allowed, (path.name, names)
+  assert set(export_hf.REMOTE_CODE) < {
+    p.name for p in pathlib.Path(export_hf.REMOTE_CODE_DIR).iterdir()
+  }
+
+
+def test_setup_installs_the_hf_extra_pins():
+  pyproject = tomllib.loads((helpers.REPO / "pyproject.toml").read_text())
+  pins = pyproject["project"]["optional-dependencies"]["hf"]
+  assert "torch==2.13.0" in pins and all("==" in p for p in pins)
+  setup = (helpers.REPO / "launch" / "setup.sh").read_text()
+  (line,) = [l for l in setup.splitlines() if '"torch==' in l]
+  assert sorted(re.findall(r'"([^"]+)"', line)) == sorted(pins)

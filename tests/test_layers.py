@@ -47,6 +47,8 @@ LAYERS = {
   "tlm_jax.tasks": TOOLS,
   "tlm_jax.generate": TOOLS,
   "tlm_jax.lm_eval_adapter": TOOLS,
+  "tlm_jax.export_hf": TOOLS,
+  "tlm_jax.hf": TOOLS,  # remote code export_hf copies: torch and transformers, no tlm_jax
   "tlm_jax.analysis": TOOLS,
   "tlm_jax.analysis.load": TOOLS,
   "tlm_jax.analysis.blocks": TOOLS,
@@ -57,7 +59,7 @@ LAYERS = {
   "tlm_jax.analysis.hyperfit": TOOLS,
 }
 # Prefixes for whole subpackages.
-SUBPACKAGES = {"tlm_jax.model.": MODEL, "tlm_jax.data.": RUNTIME}
+SUBPACKAGES = {"tlm_jax.model.": MODEL, "tlm_jax.data.": RUNTIME, "tlm_jax.hf.": TOOLS}
 HEAVY = ("jax", "flax", "optax", "orbax", "grain", "numpy", "tensorflow_datasets")
 
 
