@@ -40,3 +40,5 @@ run .venv/bin/python -m pip install -q --no-deps -e .
 run .venv/bin/python -m pip install -q "lm-eval==0.4.13"
 # The [hf] extra: torch (CPU wheel), transformers, safetensors, accelerate for tlm_jax.export_hf.
 run .venv/bin/python -m pip install -q "torch==2.13.0" "transformers==5.18.0" "safetensors==0.8.0" "accelerate==1.15.0"
+# The [wandb] extra: Weights & Biases logging (train.wandb.project) and its test.
+run .venv/bin/python -m pip install -q "wandb==0.31.0"

@@ -1,7 +1,10 @@
-"""Where numbers go: metrics.jsonl, TensorBoard, the console, and the FLOP / MFU arithmetic."""
+"""Where numbers go: metrics.jsonl, TensorBoard, Weights & Biases, the console, and the
+FLOP / MFU arithmetic."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 from typing import Any
 
@@ -12,6 +15,7 @@ from tqdm import tqdm
 
 from tlm_jax import sharding, state
 from tlm_jax import workdir as workdir_lib
+from tlm_jax.errors import ConfigError
 
 # How `flops_per_token` (tlm_jax/model/costs.py), and so every MFU here, counts.
 MFU_CONVENTION = (
@@ -77,16 +81,26 @@ def xla_flops_per_token(config: ml_collections.ConfigDict, compiled: bool = True
   return cost["flops"] / (tcfg.batch_size * tcfg.seq_len)
 
 
-class MetricsWriter:
-  """Appends rows to metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+# The wandb run a workdir logs into, kept so a resumed run continues it.
+WANDB_RUN_ID = "wandb_run_id"
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricsWriter:
+  """Appends rows to metrics.jsonl and scalars to TensorBoard and, when a config with
+  train.wandb.project is given, to Weights & Biases (process 0 only)."""
+
+  def __init__(
+    self, workdir: str, enabled: bool = True, config: ml_collections.ConfigDict | None = None
+  ):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter
 
     self.workdir = workdir
+    self.wandb = None
+    if config is not None and config.train.wandb.project:
+      self.wandb = start_wandb(workdir, config)
     self.tensorboard = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
 
   def write(self, row: dict[str, Any]) -> None:
@@ -94,14 +108,65 @@ class MetricsWriter:
       return
     workdir_lib.append_metrics(self.workdir, row)
     prefix = row.get("split", "train")
-    for key, value in row.items():
-      if isinstance(value, (int, float)) and key != "step":
-        self.tensorboard.add_scalar(f"{prefix}/{key}", value, row["step"])
+    scalars = {
+      f"{prefix}/{key}": value
+      for key, value in row.items()
+      if isinstance(value, (int, float)) and key != "step"
+    }
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(name, value, row["step"])
     self.tensorboard.flush()
+    if self.wandb is not None:
+      self.wandb.log(dict(step=row["step"], **scalars))
 
   def close(self) -> None:
     if self.enabled:
       self.tensorboard.close()
+      if self.wandb is not None:
+        self.wandb.finish()
+
+
+def start_wandb(workdir: str, config: ml_collections.ConfigDict) -> Any:
+  """A wandb run writing under W/wandb/: the workdir's own run, resumed if it has one.
+
+  Rows are logged against their training step (a wandb metric, not wandb's own step
+  counter), so the rows a restart repeats (those after the last checkpoint) are kept
+  rather than refused as going back in time. WANDB_MODE=offline needs no network.
+  """
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top  # an optional extra
+  except ImportError as e:
+    raise ConfigError(
+      "train.wandb.project is set but wandb is not installed: pip install 'tlm_jax[wandb]' "
+      "(or leave train.wandb.project empty)"
+    ) from e
+  id_file = workdir_lib.path(workdir, WANDB_RUN_ID)
+  if os.path.exists(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(4)  # wandb's ids: [a-z0-9]{8}
+    with open(id_file, "w") as f:
+      f.write(run_id)
+  settings = config.train.wandb
+  try:
+    run = wandb.init(
+      project=settings.project,
+      name=settings.name or None,
+      tags=list(settings.tags),
+      config=config.to_dict(),
+      dir=workdir,
+      id=run_id,
+      resume="allow",
+    )
+  except wandb.errors.UsageError as e:  # no API key, a bad project name
+    raise ConfigError(
+      f"train.wandb.project={settings.project!r}: wandb did not start: {e} "
+      "(WANDB_MODE=offline logs to W/wandb/ without an account)"
+    ) from e
+  run.define_metric("step")
+  run.define_metric("*", step_metric="step")
+  return run
 
 
 class Progress:

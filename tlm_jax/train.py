@@ -4,6 +4,8 @@
 
 Running the same command on the same workdir resumes from the latest
 checkpoint, data position included; raising train.steps continues a run.
+train.wandb.project logs the metrics to Weights & Biases too, one run across
+restarts; train.profile_steps writes a profiler trace of a few steps.
 """
 
 from __future__ import annotations
@@ -53,6 +55,43 @@ class Preemption:
     return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
+# Where train.profile_steps writes its trace: W/profile/plugins/profile/TIME/HOST.xplane.pb
+# (TensorBoard's profile plugin, XProf) and HOST.trace.json.gz (a Chrome trace that
+# ui.perfetto.dev opens).
+PROFILE = "profile"
+
+
+class StepTrace:
+  """A jax.profiler trace of steps start..stop-1 (train.profile_steps, numbered as in
+  metrics.jsonl), taken once, on process 0; a run resumed inside the range traces the
+  rest of it."""
+
+  def __init__(self, steps: Sequence[int], folder: str, enabled: bool):
+    self.start, self.stop = tuple(steps) if steps and enabled else (0, 0)
+    self.folder, self.active = folder, False
+
+  def before(self, step: int) -> None:
+    """Call before running step `step`."""
+    if self.start <= step < self.stop and not self.active:
+      jax.profiler.start_trace(self.folder)
+      self.active = True
+
+  def after(self, step: int, out: Any) -> float:
+    """Call after step `step` was dispatched; seconds spent writing the trace (if it ended)."""
+    if not self.active or step < self.stop - 1:
+      return 0.0
+    jax.block_until_ready(out)  # the traced steps finish inside the trace
+    began = time.perf_counter()
+    self.close()
+    self.start = self.stop  # once
+    return time.perf_counter() - began
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or resume) to config.train.steps; returns the last training and eval rows.
 
@@ -99,7 +138,14 @@ def _train(
     contextlib.closing(prefetch.batches(data_iter, setup.batch_sharding, tcfg.prefetch))
   )
 
-  writer = stack.enter_context(contextlib.closing(metrics.MetricsWriter(workdir, enabled=is_main)))
+  writer = stack.enter_context(
+    contextlib.closing(metrics.MetricsWriter(workdir, enabled=is_main, config=config))
+  )
+  trace = stack.enter_context(
+    contextlib.closing(
+      StepTrace(tcfg.profile_steps, workdir_lib.path(workdir, PROFILE), enabled=is_main)
+    )
+  )
   peak = tcfg.peak_flops or metrics.peak_flops_per_device()
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
   preemption = stack.enter_context(contextlib.closing(Preemption()))
@@ -121,6 +167,7 @@ def _train(
   step = start
   while step < tcfg.steps:
     batch, data_state = next(batches)
+    trace.before(step + 1)
     step_start = time.perf_counter()
     train_state, out = setup.train_step(train_state, batch)
     step += 1
@@ -129,6 +176,7 @@ def _train(
       paused += time.perf_counter() - step_start
     else:
       window_steps += 1
+    paused += trace.after(step, out)
     last_step = step == tcfg.steps
     log = step % tcfg.log_every == 0 or last_step
     # Several hosts agree on preemption with a collective, so they ask only when logging.
