@@ -375,6 +375,27 @@ def test_hf_tokenizer_round_trip_bytes_and_batches(data_dir, hf_tokenizer, tmp_p
     config_lib.check_vocab(model, tok.vocab_size)
 
 
+def test_hf_tokenizer_reads_a_sentencepiece_conversion_as_sentencepiece(
+  data_dir, spm_model, tmp_path
+):
+  """A tokenizer.json of Llama 2's kind (Metaspace pieces, byte fallback, </s>): export_hf's
+  conversion of a SentencePiece model encodes, decodes and counts bytes as the model does."""
+  from tlm_jax import export_hf
+
+  config = make_config(data_dir, tokenizer="sentencepiece", spm_model=spm_model)
+  sp = tokenizers.make_tokenizer(config.data)
+  export_hf.write_tokenizer(str(tmp_path), config.data, sp, 64)
+  hf = tokenizers.make_tokenizer(
+    make_config(data_dir, tokenizer="hf", hf_tokenizer=str(tmp_path)).data
+  )
+  assert (hf.vocab_size, hf.eos_id) == (sp.vocab_size, sp.eos_id)
+  np.testing.assert_array_equal(hf.bytes_per_token, sp.bytes_per_token)
+  doc = builders.source(config.data, "validation")[0][:3000]
+  for text in (doc, "  indented:\n\tnaïve 東京 ✓ 🙂\n"):
+    np.testing.assert_array_equal(hf.encode(text), sp.encode(text))
+    assert hf.decode(np.append(hf.encode(text), hf.eos_id)) == text
+
+
 @pytest.mark.parametrize(
   "kind, file, field", [("sentencepiece", "m.model", "spm_model"), ("hf", "m.json", "hf_tokenizer")]
 )

@@ -110,7 +110,9 @@ class HFTokenizer:
   fake a separator. bytes_per_token: byte-level BPEs (GPT-2 style) map each byte to one
   character, so a token's length; otherwise a piece's UTF-8 length with '▁' counted as a
   space and byte-fallback pieces 1; added tokens their text's length; the separator 1 (as
-  for bytes); other special tokens 0.
+  for bytes); unknown 1 (at least one character was there); other special tokens 0. As
+  for SentencePiece, tokenizers that prepend '▁' to a text (Llama 2's) count one byte more
+  per encoded text.
   """
 
   def __init__(self, path: str):
@@ -124,13 +126,15 @@ class HFTokenizer:
         "separate documents; train one with `python -m tlm_jax.data.tokenizers --kind hf`"
       )
     self.eos_id = eos[0]
-    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    spec = json.loads(tok.to_str())
+    decoder = spec.get("decoder") or {}
     byte_level = "ByteLevel" in [d.get("type") for d in [decoder, *decoder.get("decoders", [])]]
+    unknown = spec["model"].get("unk_token")
     added = tok.get_added_tokens_decoder()
     sizes = []
     for i in range(self.vocab_size):
       piece = tok.id_to_token(i) or ""
-      if i == self.eos_id or _BYTE_PIECE.fullmatch(piece):
+      if i == self.eos_id or piece == unknown or _BYTE_PIECE.fullmatch(piece):
         sizes.append(1)
       elif i in added:
         sizes.append(0 if added[i].special else len(added[i].content.encode("utf-8")))
