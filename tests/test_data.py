@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -357,11 +358,13 @@ def test_hf_tokenizer_round_trip_bytes_and_batches(data_dir, hf_tokenizer, tmp_p
   tok = tokenizers.make_tokenizer(config.data)
   assert tok.vocab_size == 512 and tok.eos_id == 0 and tok.bytes_per_token.shape == (512,)
   docs = builders.source(config.data, "validation")
+  copy = pickle.loads(pickle.dumps(tok))  # as Grain's worker processes get it
   for text in (docs[0][:3000], "  indented:\n\tnaïve 東京 ✓ 🙂\n", "text <|endoftext|> text"):
     ids = tok.encode(text)
     assert ids.dtype == np.int32 and tok.eos_id not in ids  # a written separator is text
     assert tok.decode(np.append(ids, tok.eos_id)) == text
     assert tok.bytes_per_token[ids].sum() == len(text.encode())
+    np.testing.assert_array_equal(copy.encode(text), ids)
   assert len(tok.encode(docs[0])) < len(docs[0].encode()) / 2
   # A folder holding tokenizer.json (as a Hub download is) reads the same.
   (tmp_path / "tokenizer.json").write_bytes(open(hf_tokenizer, "rb").read())

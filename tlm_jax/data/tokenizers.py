@@ -144,6 +144,11 @@ class HFTokenizer:
         sizes.append(len(piece.replace(_META_SPACE, " ").encode("utf-8")))
     self.bytes_per_token = np.array(sizes, np.int32)
 
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    """Unpickled (Grain's worker processes get copies): pickling drops that setting."""
+    self.__dict__.update(state)
+    self._tokenizer.encode_special_tokens = True
+
   def encode(self, text: str) -> np.ndarray:
     return np.array(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
