@@ -1,6 +1,7 @@
 """Hope-attention's CMS levels against a token-by-token reference, its precision, level split,
 and training at the learning rate the other backbones take."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -172,3 +173,47 @@ def test_a_level_at_lr_0_equals_the_level_without_a_trust_region():
   for g, g_free in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_free)):
     assert jnp.all(jnp.isfinite(g))
     np.testing.assert_allclose(g, g_free, rtol=1e-6, atol=1e-7)
+
+
+def test_rematerialised_training_equals_the_plain_scan():
+  """The tiny config's CMS with groups of 2 chunks under jax.checkpoint: the same loss and
+  gradients (every parameter and the input). 60 tokens: 7 chunks of 8 (3 groups and a
+  remainder of 1) and a partial chunk, 3 chunks of 16 (a group, a remainder) and a partial."""
+  spec = config_lib.model_spec(helpers.load_config("tlm_hope_attention", "tiny"))
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 60, spec.d_model))
+  target_BTD = jax.random.normal(jax.random.key(2), x_BTD.shape)
+
+  def loss_and_grads(remat_chunks):
+    hope_spec = dataclasses.replace(spec.hope, remat_chunks=remat_chunks)
+    cms = hope.CMS(dataclasses.replace(spec, hope=hope_spec), 128, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(cms)
+    loss = lambda p, x: jnp.mean((nnx.merge(graphdef, p)(x) - target_BTD) ** 2)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x_BTD)
+
+  (loss, grads), (plain_loss, plain_grads) = loss_and_grads(2), loss_and_grads(0)
+  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+  leaves, plain_leaves = jax.tree.leaves(grads), jax.tree.leaves(plain_grads)
+  assert len(leaves) == len(plain_leaves) == 3 * 3 + 2 + 1  # 3 levels, 2 value maps, x
+  for g, plain in zip(leaves, plain_leaves):
+    assert bool(jnp.any(plain != 0))
+    np.testing.assert_allclose(g, plain, rtol=1e-5, atol=1e-6 * float(jnp.abs(plain).max()))
+
+
+def test_decoding_in_pieces_of_any_size_equals_call():
+  """Pieces of 1, C - 1, C, C + 1, 2C + 3 ... tokens (C = 8; the second level's chunk is 16),
+  starting at chunk boundaries and inside chunks, equal __call__ at every position."""
+  cfg = helpers.load_config("tlm_hope_attention", "tiny")
+  cfg.model.hope.inner_lrs = (0.1, 0.1, 0.0)  # steps that move outputs beyond the tolerance
+  spec = config_lib.model_spec(cfg)
+  assert spec.hope.chunk_sizes == (8, 16, 0)
+  graphdef, params = nnx.split(hope.CMS(spec, 128, rngs=nnx.Rngs(0)))
+  sizes = (1, 7, 8, 9, 19, 16, 1, 8, 7, 9)  # starts 0, 1, 8, 16, 25, 44, 60, 61, 69, 76
+  x_BTD = jax.random.normal(jax.random.key(1), (2, sum(sizes), spec.d_model))
+  want = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x_BTD)
+  decode = jax.jit(lambda p, x, cache: nnx.merge(graphdef, p).decode(x, cache))
+  cache, start = nnx.merge(graphdef, params).init_cache(2, sum(sizes)), 0
+  for size in sizes:
+    y_BTD, cache = decode(params, x_BTD[:, start : start + size], cache)
+    np.testing.assert_allclose(y_BTD, want[:, start : start + size], rtol=1e-4, atol=1e-5)
+    start += size
+  assert [int(c["n"]) for c in cache] == [start % 8, start % 16]
