@@ -150,7 +150,9 @@ class HFTokenizer:
     self._tokenizer.encode_special_tokens = True
 
   def encode(self, text: str) -> np.ndarray:
-    return np.array(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    # The batch call without character offsets: a quarter more tokens per CPU second.
+    (encoding,) = self._tokenizer.encode_batch_fast([text], add_special_tokens=False)
+    return np.array(encoding.ids, np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Special ids (the separator among them) decode to nothing."""
