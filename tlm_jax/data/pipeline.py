@@ -9,7 +9,8 @@ Every process builds the same global batch and keeps its own slice of rows,
 so the data a run sees does not depend on how many hosts it runs on: a run
 on 2 hosts matches a run on 1, and a resumed run may change host count.
 The price is that each host tokenizes the whole global batch (the byte
-tokenizer does ~8M tokens/s; use data.worker_count for SentencePiece). At pod
+tokenizer does ~8M tokens/s; use data.worker_count for SentencePiece and
+tokenizer.json BPEs, each under 1M tokens per CPU second). At pod
 scale, `data.pretokenized=True` keeps the guarantee while each host reads only
 its own rows of windows packed once by `tlm_jax.data.pretokenize`.
 
