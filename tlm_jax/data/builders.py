@@ -142,8 +142,8 @@ class LocalFiles(_TextBuilder):
   (UTF-8) file is one document.
 
   A .jsonl line is a JSON object whose `data.text_field` holds the text; a Parquet
-  file's text is its `data.text_field` column, read one batch of rows at a time (a
-  shard may be gigabytes). A document's key is its file's number in the sorted path
+  file's text is its `data.text_field` column, read one row group at a time (a shard
+  may be gigabytes). A document's key is its file's number in the sorted path
   list and its number in that file, so the same text as JSONL or as Parquet is stored,
   split and shuffled the same way. The config name is a fingerprint of the paths,
   sizes, modification times and text field, so a different (or edited) file set builds
