@@ -145,7 +145,8 @@ from tlm_jax import config, presets, taper
 rows = {}
 for path in sorted(pathlib.Path("configs").glob("*.py")):
   scales = [f"{s},{t}" for s in ("tiny", "124m") for t in presets.TAPERS]
-  args = [None] if path.stem == "demo" else scales
+  backbones = [f"{b},{t}" for b in ("transformer", "titans") for t in ("uniform", "cosine")]
+  args = {"demo": [None], "paper_124m": backbones}.get(path.stem, scales)
   for arg in args:
     report = taper.parity_report(config.load(f"{path}:{arg}" if arg else str(path)))
     rows[f"{path.stem}:{arg}"] = [
