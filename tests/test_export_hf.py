@@ -26,7 +26,9 @@ from tlm_jax import workdir as workdir_lib
 from tlm_jax.data import tokenizers
 from tlm_jax.errors import ConfigError
 
+# Exports are local folders and the task a local file: nothing to look up on the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 TOKENS = np.random.default_rng(0).integers(1, 256, (2, 64))
 
 # (backbone, gate, gate_bias, tied, layers_mode): each export feature at least once.
@@ -242,55 +244,34 @@ def test_cli_refuses_titans_in_one_line(tmp_path):
   assert result.stderr.count("\n") == 1 and not (tmp_path / "D").exists()
 
 
-def test_lm_eval_hf_model_scores_as_our_scorer(workdirs, exports, tmp_path):
-  """lm-eval's own `hf` model on the export, on the local YAML task of the adapter's test."""
+def test_lm_eval_hf_model_scores_as_our_scorer(workdirs, exports, tmp_path, monkeypatch):
+  """lm-eval's own `hf` model (--model hf --model_args pretrained=D,trust_remote_code=True,
+  dtype=float32, run in this process) on the local YAML task of the adapter's test."""
+  import datasets
+  import lm_eval
+  from lm_eval.tasks import TaskManager
   from test_evaluate_tasks import PIQA, TINY_TASKS
 
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
   data = tmp_path / "data"
   data.mkdir()
   (data / "tiny_mc.jsonl").write_text("\n".join(json.dumps(d) for d in PIQA))
   (data / "tiny_mc.yaml").write_text(TINY_TASKS["tiny_mc.yaml"].format(data=data))
-  offline = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
-  d = exports["gated_elementwise_bias_grouped"]
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lm_eval",
-      "--model",
-      "hf",
-      "--model_args",
-      f"pretrained={d},trust_remote_code=True,dtype=float32",
-      "--device",
-      "cpu",
-      "--batch_size",
-      "4",
-      "--tasks",
-      "tiny_mc",
-      "--include_path",
-      str(data),
-      "--output_path",
-      str(tmp_path / "out"),
-      "--log_samples",
-    ],
-    cwd=tmp_path,
-    capture_output=True,
-    text=True,
-    env=offline,
+  name = "gated_elementwise_bias_grouped"
+  results = lm_eval.simple_evaluate(
+    model="hf",
+    model_args=f"pretrained={exports[name]},trust_remote_code=True,dtype=float32",
+    tasks=["tiny_mc"],
+    device="cpu",
+    batch_size=4,
+    task_manager=TaskManager(include_path=str(data), include_defaults=False),
+    bootstrap_iters=0,
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  (samples,) = [
-    os.path.join(root, f)
-    for root, _, files in os.walk(tmp_path / "out")
-    for f in files
-    if f.startswith("samples_tiny_mc")
-  ]
-  restored = restore.latest(workdirs["gated_elementwise_bias_grouped"])
+  restored = restore.latest(workdirs[name])
   scorer = tasks.Scorer(restored.model, 64, 4)
   theirs, ours = [], []
-  for sample in map(json.loads, open(samples)):
-    arguments = sample["arguments"].values()
-    pairs = [tasks.encode_pair(restored.tokenizer, a["arg_0"], a["arg_1"]) for a in arguments]
+  for sample in results["samples"]["tiny_mc"]:
+    pairs = [tasks.encode_pair(restored.tokenizer, *a) for a in sample["arguments"]]
     ours += [s for s, _ in scorer.loglikelihood(pairs)]
     theirs += [float(r[0][0]) for r in sample["resps"]]
   assert len(ours) == 2 * len(PIQA)
