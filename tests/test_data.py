@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -138,6 +139,22 @@ def test_local_files_round_trip(tmp_path):
     != builders.local_config(cfg.files, "body").name
     != builders.local_config(cfg.files, "text").name
   )
+
+
+def test_a_local_dataset_built_at_1_0_0_keeps_being_read(tmp_path):
+  """A run started before documents were keyed by number resumes over its own build."""
+  for name in ("a", "b", "c"):
+    (tmp_path / f"{name}.txt").write_text(f"document {name}\n")
+  cfg = make_config(tmp_path / "tfds", source="local", files=f"{tmp_path}/*.txt").data
+  built = pathlib.Path(builders.build_if_needed(cfg).data_dir)
+  # What TFDS left of a 1.0.0 build (it no longer generates that version).
+  info = json.loads((built / "dataset_info.json").read_text())
+  (built / "dataset_info.json").write_text(json.dumps(dict(info, version="1.0.0")))
+  built.rename(built.parent / "1.0.0")
+  builder = builders.build_if_needed(cfg)
+  assert str(builder.version) == "1.0.0" and not built.exists()
+  texts = list(builders.source(cfg, "train")) + list(builders.source(cfg, "validation"))
+  assert sorted(texts) == [f"document {name}\n" for name in ("a", "b", "c")]
 
 
 def test_tfds_dataset_by_name_through_pipeline(tmp_path):

@@ -151,6 +151,7 @@ class LocalFiles(_TextBuilder):
   """
 
   VERSION = tfds.core.Version("1.1.0")
+  SUPPORTED_VERSIONS = [tfds.core.Version("1.0.0")]  # read where built (build_if_needed)
   RELEASE_NOTES = {
     "1.0.0": "First release.",
     "1.1.0": "Parquet files; documents keyed by file and document number, not by path.",
@@ -261,6 +262,9 @@ def build_if_needed(data_cfg: Any) -> tfds.core.DatasetBuilder:
   elif data_cfg.source == "local":
     config = local_config(data_cfg.files, data_cfg.text_field)
     builder = LocalFiles(config=config, data_dir=data_dir)
+    before = LocalFiles(config=config, data_dir=data_dir, version="1.0.0")
+    if not builder.is_prepared() and before.is_prepared():
+      builder = before  # a run started on a 1.0.0 build resumes over the same order
   else:
     raise ConfigError(
       f"data.source={data_cfg.source!r} has nothing to build; use 'builtin' or 'local'"
