@@ -105,7 +105,7 @@ def test_parquet_trains_like_the_same_jsonl(tiny_workdir, parquet_run):
 
 def test_offline_wandb_holds_the_rows_and_a_restart_continues_its_run(parquet_run):
   workdir, first = parquet_run
-  run_id = (workdir / metrics.WANDB_RUN_ID).read_text()
+  run_id = (workdir / workdir_lib.WANDB_RUN_ID).read_text()
   runs = wandb_runs(workdir)
   assert [r for r, _ in runs] == [run_id, run_id]  # a second run directory, the same run
   assert runs[0] == first[0]

@@ -3,7 +3,6 @@ FLOP / MFU arithmetic."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 from typing import Any
@@ -81,10 +80,6 @@ def xla_flops_per_token(config: ml_collections.ConfigDict, compiled: bool = True
   return cost["flops"] / (tcfg.batch_size * tcfg.seq_len)
 
 
-# The wandb run a workdir logs into, kept so a resumed run continues it.
-WANDB_RUN_ID = "wandb_run_id"
-
-
 class MetricsWriter:
   """Appends rows to metrics.jsonl and scalars to TensorBoard and, when a config with
   train.wandb.project is given, to Weights & Biases (process 0 only)."""
@@ -140,14 +135,7 @@ def start_wandb(workdir: str, config: ml_collections.ConfigDict) -> Any:
       "train.wandb.project is set but wandb is not installed: pip install 'tlm_jax[wandb]' "
       "(or leave train.wandb.project empty)"
     ) from e
-  id_file = workdir_lib.path(workdir, WANDB_RUN_ID)
-  if os.path.exists(id_file):
-    with open(id_file) as f:
-      run_id = f.read().strip()
-  else:
-    run_id = secrets.token_hex(4)  # wandb's ids: [a-z0-9]{8}
-    with open(id_file, "w") as f:
-      f.write(run_id)
+  run_id = workdir_lib.wandb_run_id(workdir, secrets.token_hex(4))  # wandb's: [a-z0-9]{8}
   settings = config.train.wandb
   try:
     run = wandb.init(

@@ -55,12 +55,6 @@ class Preemption:
     return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
-# Where train.profile_steps writes its trace: W/profile/plugins/profile/TIME/HOST.xplane.pb
-# (TensorBoard's profile plugin, XProf) and HOST.trace.json.gz (a Chrome trace that
-# ui.perfetto.dev opens).
-PROFILE = "profile"
-
-
 class StepTrace:
   """A jax.profiler trace of steps start..stop-1 (train.profile_steps, numbered as in
   metrics.jsonl), taken once, on process 0; a run resumed inside the range traces the
@@ -143,7 +137,7 @@ def _train(
   )
   trace = stack.enter_context(
     contextlib.closing(
-      StepTrace(tcfg.profile_steps, workdir_lib.path(workdir, PROFILE), enabled=is_main)
+      StepTrace(tcfg.profile_steps, workdir_lib.path(workdir, workdir_lib.PROFILE), enabled=is_main)
     )
   )
   peak = tcfg.peak_flops or metrics.peak_flops_per_device()

@@ -9,6 +9,10 @@
     W/eval_SPLIT_STEP.json    a split evaluated by `python -m tlm_jax.evaluate`
     W/tasks_STEP.json         zero-shot task results {TASK: metrics}; W/niah_STEP.png
     W/analysis_NAME.json/png  an analysis (tlm_jax/analysis)
+    W/wandb/, W/wandb_run_id  the Weights & Biases run (train.wandb.project) and its id, so a
+                              resumed run logs into the same one
+    W/profile/                jax.profiler traces (train.profile_steps): plugins/profile/TIME/
+                              HOST.xplane.pb for TensorBoard, HOST.trace.json.gz for Perfetto
 
 Pure: tools and tests that read results need no accelerator.
 """
@@ -30,6 +34,8 @@ WIDTHS = "widths.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
+WANDB_RUN_ID = "wandb_run_id"
+PROFILE = "profile"
 
 
 def path(workdir: str, name: str) -> str:
@@ -49,6 +55,16 @@ def _read_json(file: str) -> Any:
 def _write_json(file: str, value: Any) -> None:
   with open(file, "w") as f:
     json.dump(value, f, indent=1)
+
+
+def wandb_run_id(workdir: str, new_id: str) -> str:
+  """The workdir's wandb run id: the one written before, else `new_id`, written now."""
+  file = path(workdir, WANDB_RUN_ID)
+  if not os.path.exists(file):
+    with open(file, "w") as f:
+      f.write(new_id)
+  with open(file) as f:
+    return f.read().strip()
 
 
 # ---------------------------------------------------------------------------
