@@ -4,6 +4,7 @@ encodes as ours, lm-eval's `hf` model scores as our Scorer, and the export reads
 the same params bit for bit."""
 
 import ast
+import functools
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ import tomllib
 
 import grain
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -85,15 +87,39 @@ def workdirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(workdirs, tmp_path_factory):
+  """Each workdir exported in this process (tlm format, float32), and the first in bfloat16."""
   root = tmp_path_factory.mktemp("exports")
   out = {name: str(root / name) for name in workdirs}
   for name, workdir in workdirs.items():
     export_hf.export(workdir, out[name])
-  out["llama"] = str(root / "llama")
-  export_hf.export(workdirs["transformer"], out["llama"], "llama")
+  out["bfloat16"] = str(root / "bfloat16")
+  export_hf.export(workdirs["transformer"], out["bfloat16"], dtype="bfloat16")
   return out
 
 
+@pytest.fixture(scope="module")
+def llama_export(workdirs, tmp_path_factory):
+  """The first workdir exported by the command line in the llama format: (folder, stdout)."""
+  out = str(tmp_path_factory.mktemp("llama") / "llama")
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tlm_jax.export_hf",
+      f"--workdir={workdirs['transformer']}",
+      f"--out={out}",
+      "--format=llama",
+    ],
+    cwd=helpers.REPO,
+    capture_output=True,
+    text=True,
+    env=helpers.one_device_env(),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, result.stdout
+
+
+@functools.cache
 def jax_logits(workdir):
   model = restore.latest(workdir).model
   return np.asarray(helpers.forward(model, TOKENS))
@@ -115,10 +141,13 @@ def test_logits_match_through_auto_model(name, workdirs, exports):
   diff = np.abs(torch_logits(model) - jax_logits(workdirs[name])).max()
   print(f"{name}: max abs logit difference {diff:.2e}")
   assert diff < 1e-4
+  if name == "gated_headwise_tied":  # the registry's default (sdpa) above; eager here
+    model.set_attn_implementation("eager")
+    assert np.abs(torch_logits(model) - jax_logits(workdirs[name])).max() < 1e-4
 
 
-def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports):
-  d = exports["llama"]
+def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports, llama_export):
+  d, printed = llama_export
   assert not [f for f in os.listdir(d) if f.endswith(".py")]  # no remote code
   model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
   widths = workdir_lib.read_widths(workdirs["transformer"])
@@ -132,19 +161,33 @@ def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports)
   )
   assert padding["params"] == tapered.num_parameters()
   assert padding["padded_params"] == model.num_parameters()
-  print(f"llama padding: {padding}")
   assert padding["params_overhead"] > 0 and padding["flops_overhead"] > 0
+  assert f"every MLP padded to {max(widths)}: {padding['padded_params']:,} params" in printed
+  print(printed)
 
 
 @pytest.mark.parametrize("name", ["transformer", "llama", "gated_elementwise_bias_grouped"])
-def test_load_reads_back_the_same_params(name, workdirs, exports):
+def test_load_reads_back_the_same_params(name, workdirs, exports, llama_export):
   workdir = workdirs["transformer" if name == "llama" else name]
   ours = dict(nnx.to_flat_state(restore.latest(workdir).params))
-  loaded = dict(nnx.to_flat_state(nnx.state(export_hf.load(exports[name]), nnx.Param)))
+  loaded = export_hf.load(llama_export[0] if name == "llama" else exports[name])
+  loaded = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
   assert loaded.keys() == ours.keys()
   for key, variable in ours.items():
     a, b = np.asarray(jax.device_get(variable[...])), np.asarray(loaded[key][...])
     assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
+
+
+def test_bfloat16_export_holds_the_params_rounded(workdirs, exports):
+  d = exports["bfloat16"]
+  assert json.load(open(os.path.join(d, "config.json")))["dtype"] == "bfloat16"
+  model = transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+  assert model.dtype == torch.bfloat16
+  ours = dict(nnx.to_flat_state(restore.latest(workdirs["transformer"]).params))
+  loaded = dict(nnx.to_flat_state(nnx.state(export_hf.load(d), nnx.Param)))
+  for key, variable in ours.items():
+    rounded = np.asarray(jax.device_get(variable[...])).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(loaded[key][...]), rounded.astype(np.float32))
 
 
 def test_greedy_generate_with_cache_and_left_padding_matches_ours(workdirs, exports):
@@ -181,7 +224,7 @@ def check_tokenizer(hf, ours, texts):
 
 
 def test_auto_tokenizer_encodes_and_decodes_as_bytes(exports):
-  hf = transformers.AutoTokenizer.from_pretrained(exports["llama"])  # no remote code
+  hf = transformers.AutoTokenizer.from_pretrained(exports["transformer"], trust_remote_code=True)
   ours = tokenizers.ByteTokenizer()
   check_tokenizer(hf, ours, BYTE_TEXTS)
   cut = [104, 0, 226, 130, 105]  # a separator and a character cut short
