@@ -73,6 +73,38 @@ def test_cached_greedy_decoding_equals_full_reforward(backbone, transformer):
   assert cached == full
 
 
+# 27, 30 and 13 tokens: the shared 13 go through decode in pieces of 8, 4 and 1 (across
+# chunks of 3 and segments of 6), then the longer rows read their prompt a token a step;
+# with an 8-token third row, their tokens 8..12 go a token a step too. The buffer lengths of
+# the test above, so its loops are reused.
+CHUNKED_PROMPTS = [[0, *range(100, 126)], [0, *range(30, 59)], [0, *range(200, 212)]]
+
+
+def test_prefill_pieces_are_few_sizes_that_add_up():
+  assert generate.prefill_pieces(13) == [8, 4, 1] and generate.prefill_pieces(23) == [16, 4, 2, 1]
+  assert generate.prefill_pieces(1) == [1] and generate.prefill_pieces(64) == [64]
+  assert generate.prefill_pieces(200) == [192, 8]
+  sizes = set()
+  for length in range(1, 1025):
+    pieces = generate.prefill_pieces(length)
+    assert sum(pieces) == length and pieces[1:] == sorted(pieces[1:], reverse=True)
+    sizes.update(pieces)
+  assert sizes == {1, 2, 4, 8, 16, 32, *range(64, 1025, 64)}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_chunked_prefill_equals_token_by_token_and_full_reforward(backbone, transformer):
+  model = transformer if backbone == "transformer" else build(backbone)
+  new = MEMORY_NEW if backbone.startswith(("titans", "hope")) else NEW
+  kwargs = dict(max_new_tokens=new, eos_id=-1)
+  chunked = generate.generate_tokens(model, CHUNKED_PROMPTS, **kwargs)
+  full = generate.generate_tokens(model, CHUNKED_PROMPTS, cached=False, **kwargs)
+  stepped = generate.generate_tokens(model, [*CHUNKED_PROMPTS[:2], list(range(8))], **kwargs)
+  assert [len(c) for c in chunked] == [new] * 3
+  assert chunked == full
+  assert stepped[:2] == chunked[:2]
+
+
 # A module's __call__ compiled: eagerly, op by op, a Titans mixer costs several times the CPU.
 call = nnx.jit(lambda module, *args: module(*args))
 

@@ -8,9 +8,13 @@
 Temperature 0 is greedy; otherwise top-k, then top-p (nucleus) filtering, then
 a draw whose key depends only on the seed, the row and the position.
 
-Prompts of different lengths share one time index: the tokens every prompt has
-(down to a length bucket, so compiled shapes repeat) are prefilled at once;
-after that each row reads its own prompt token while it has one and its
+Prompts of different lengths share one time index. The tokens every prompt has
+(up to the shortest prompt's length) are prefilled through the model's decode
+in pieces: the length's bucket (a power of two up to 64, then a multiple of
+64), then the rest's binary digits, largest first, so few piece sizes (each
+compiled once) serve every prompt length, and the recurrent memories run their
+chunk closed forms over whole pieces. After that one jitted loop takes a token
+per step: each row reads its own prompt token while it has one and its
 sampled token after. No row is padded on the left, so positions and the
 recurrent memories (whose chunks count from the first token) are those of a
 single prompt. A row stops at EOS, after max_new_tokens, or once it ends with a
@@ -37,7 +41,7 @@ from tlm_jax.errors import ConfigError
 from tlm_jax.model import lm
 
 Array = jax.Array
-_BUCKET = 64  # prefill and buffer lengths are rounded to multiples of this (above 64)
+_BUCKET = 64  # prefill buckets and buffer lengths are multiples of this (above 64)
 
 
 def sample(
@@ -69,11 +73,49 @@ def _ends_with_stop(tokens_BS: Array, i: Array, lengths_B: Array, stops_ZM: Arra
   return jnp.any(equal_BZ & generated_BZ, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prefill", "cached"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "length"), donate_argnames="cache")
+def _prefill_piece(params, tokens_BP, start, cache, *, graphdef, length):
+  """The logits after the piece's last token, and the cache with the piece in it (cache None:
+  the piece starts the sequences, in a fresh cache of `length` slots)."""
+  model = nnx.merge(graphdef, params)
+  if cache is None:
+    cache = model.init_cache(tokens_BP.shape[0], length)
+  positions_BP = start + jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
+  logits_BPV, cache = model.decode(tokens_BP, positions_BP, cache)
+  return logits_BPV[:, -1], cache
+
+
+def prefill_pieces(length: int) -> list[int]:
+  """Piece sizes that prefill `length` tokens: its bucket (_round_down), then the rest's
+  binary digits, largest first (each piece starts at a multiple of its own size)."""
+  bucket = _round_down(length)
+  rest = length - bucket
+  return [bucket] + [1 << k for k in reversed(range(rest.bit_length())) if rest >> k & 1]
+
+
+def prefill(model: lm.Decoder, tokens_BT: np.ndarray, length: int) -> tuple[Array, list]:
+  """The logits after the last of the prompt tokens (positions 0..T-1 in every row) and the
+  cache of sequences of up to `length` tokens holding them: model.decode over
+  prefill_pieces(T)."""
+  graphdef, params = nnx.split(model)
+  cache, start = None, 0
+  for size in prefill_pieces(tokens_BT.shape[1]):
+    piece_BP = tokens_BT[:, start : start + size]
+    logits_BV, cache = _prefill_piece(
+      params, piece_BP, jnp.int32(start), cache, graphdef=graphdef, length=length
+    )
+    start += size
+  return logits_BV, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cached"))
 def _decode_loop(
   params,
   tokens_BS,
   lengths_B,
+  start,
+  logits_BV,
+  cache,
   max_new,
   eos_id,
   stops_ZM,
@@ -81,19 +123,15 @@ def _decode_loop(
   key,
   *,
   graphdef,
-  prefill,
   cached,
 ):
+  """Tokens from position `start` on, a token per step; logits_BV and the cache hold the
+  prefilled tokens before it (cached=False: None and (), and every step runs the model
+  over the whole sequence)."""
   model = nnx.merge(graphdef, params)
   batch, total = tokens_BS.shape
-  positions_BS = jnp.broadcast_to(jnp.arange(total), (batch, total))
-  if cached:
-    cache = model.init_cache(batch, total)
-    logits_BTV, cache = model.decode(tokens_BS[:, :prefill], positions_BS[:, :prefill], cache)
-    logits_BV = logits_BTV[:, -1]
-  else:
-    cache = ()
-    logits_BV = model(tokens_BS)[:, prefill - 1]
+  if not cached:
+    logits_BV = jnp.take(model(tokens_BS), start - 1, axis=1)
   limit = jnp.minimum(jnp.max(lengths_B) + max_new, total)
   rows = jnp.arange(batch)
 
@@ -123,15 +161,20 @@ def _decode_loop(
     return i + 1, tokens_BS, logits_BV, cache, done_B, count_B
 
   done_B, count_B = jnp.zeros(batch, bool), jnp.zeros(batch, jnp.int32)
-  init = (jnp.int32(prefill), tokens_BS, logits_BV, cache, done_B, count_B)
+  init = (start, tokens_BS, logits_BV, cache, done_B, count_B)
   _, tokens_BS, _, _, _, count_B = jax.lax.while_loop(running, step, init)
   return tokens_BS, count_B
 
 
 def _round_down(n: int) -> int:
-  """Prefill length for prompts of at least n tokens: a power of two up to 64, then a
-  multiple of 64, so prompts of nearby lengths share a compiled loop."""
+  """A length bucket: a power of two up to 64, then a multiple of 64."""
   return 1 << (n.bit_length() - 1) if n < _BUCKET else n // _BUCKET * _BUCKET
+
+
+def buffer_length(longest_prompt: int, max_new_tokens: int) -> int:
+  """Token slots per row (the cache's length): the prompt and new tokens, rounded up to a
+  multiple of 64 so nearby lengths share compiled shapes."""
+  return -(-(longest_prompt + max_new_tokens) // _BUCKET) * _BUCKET
 
 
 def generate_tokens(
@@ -157,7 +200,7 @@ def generate_tokens(
   if max_new_tokens <= 0:
     return [[] for _ in prompts]
   lengths = np.array([len(p) for p in prompts], np.int32)
-  total = int(-(-(lengths.max() + max_new_tokens) // _BUCKET) * _BUCKET)
+  total = buffer_length(int(lengths.max()), max_new_tokens)
   tokens = np.zeros((len(prompts), total), np.int32)
   for row, p in enumerate(prompts):
     tokens[row, : len(p)] = p
@@ -165,6 +208,8 @@ def generate_tokens(
   stops_ZM = np.full((len(stops), max(map(len, stops), default=0)), -1, np.int32)
   for z, s in enumerate(stops):
     stops_ZM[z, stops_ZM.shape[1] - len(s) :] = s
+  shared = int(lengths.min())
+  logits_BV, cache = prefill(model, tokens[:, :shared], total) if cached else (None, ())
   graphdef, params = nnx.split(model)
   sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
   out, count = jax.device_get(
@@ -172,13 +217,15 @@ def generate_tokens(
       params,
       tokens,
       lengths,
+      jnp.int32(shared),
+      logits_BV,
+      cache,
       jnp.int32(max_new_tokens),
       jnp.int32(eos_id),
       stops_ZM,
       sampling,
       jax.random.key(seed),
       graphdef=graphdef,
-      prefill=_round_down(int(lengths.min())),
       cached=cached,
     )
   )
