@@ -5,6 +5,7 @@ the same params bit for bit."""
 
 import ast
 import functools
+import io
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 import transformers
 from flax import nnx
@@ -231,22 +233,57 @@ def test_auto_tokenizer_encodes_and_decodes_as_bytes(exports):
   assert hf.decode(cut, skip_special_tokens=True) == ours.decode(cut)
 
 
-def test_auto_tokenizer_encodes_and_decodes_as_sentencepiece(tmp_path):
-  corpus = ["def add(a, b):\n    return a + b  # 1234", "the cat sat on the mat, 42 times."] * 50
-  path = tokenizers.train_sentencepiece(corpus, str(tmp_path / "spm"), 320)
+SPM_CORPUS = ["def add(a, b):\n    return a + b  # 1234", "the cat sat on the mat, 42 times."] * 50
+SPM_TEXTS = [
+  "def add(a, b):\n    return a + b",
+  "the  cat   sat on 12345 mats",
+  "  leading and trailing  ",
+  "unseen: Zürich ∑ 日本 🙂",
+  "</s> and <unk> as text",
+]
+
+
+def train_public_style_spm(prefix, vocab_size=320, **options):
+  """A SentencePiece model trained with settings public models use (not ours)."""
+  model = io.BytesIO()
+  lines = [line for text in SPM_CORPUS for line in text.split("\n") if line.strip()]
+  sentencepiece.SentencePieceTrainer.train(
+    sentence_iterator=iter(lines),
+    model_writer=model,
+    vocab_size=vocab_size,
+    minloglevel=2,
+    **options,
+  )
+  path = f"{prefix}.model"
+  pathlib.Path(path).write_bytes(model.getvalue())
+  return path
+
+
+@pytest.mark.parametrize("kind", ["ours", "dummy_prefix", "unigram_nfkc"])
+def test_auto_tokenizer_encodes_and_decodes_as_sentencepiece(kind, tmp_path):
+  if kind == "ours":  # python -m tlm_jax.data.tokenizers: BPE, identity, no dummy prefix
+    path = tokenizers.train_sentencepiece(SPM_CORPUS, str(tmp_path / "spm"), 320)
+  elif kind == "dummy_prefix":
+    path = train_public_style_spm(
+      tmp_path / "spm",
+      model_type="bpe",
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      byte_fallback=True,
+      eos_id=1,
+      bos_id=-1,
+    )
+  else:
+    path = train_public_style_spm(tmp_path / "spm", model_type="unigram", vocab_size=32)
   config = tiny_config("transformer")
   config.data.update(tokenizer="sentencepiece", spm_model=path)
   ours = tokenizers.make_tokenizer(config.data)
+  if kind == "unigram_nfkc":
+    with pytest.raises(ConfigError, match="data.spm_model=.*model type UNIGRAM, normalization"):
+      export_hf.write_tokenizer(str(tmp_path), config.data, ours, 64)
+    return
   export_hf.write_tokenizer(str(tmp_path), config.data, ours, 64)
-  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-  texts = [
-    "def add(a, b):\n    return a + b",
-    "the  cat   sat on 12345 mats",
-    "  leading and trailing  ",
-    "unseen: Zürich ∑ 日本 🙂",
-    "</s> and <unk> as text",
-  ]
-  check_tokenizer(hf, ours, texts)
+  check_tokenizer(transformers.AutoTokenizer.from_pretrained(str(tmp_path)), ours, SPM_TEXTS)
 
 
 @pytest.mark.parametrize(

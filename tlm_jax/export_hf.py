@@ -14,15 +14,18 @@ transformers only), `model.safetensors` (Llama's parameter names, plus
 exact (silu(0) * 0 = 0), so stock `LlamaForCausalLM` loads it with no remote code (vLLM,
 llama.cpp, any Llama tool); it prints what the padding costs in params and FLOPs.
 
-The tokenizer is the workdir's as `tokenizer.json` (the `tokenizers` library): encoding a
-text with `add_special_tokens=False` gives our ids; the default adds the separator (our
-EOS, the token every training document follows) in front, as tlm_jax's generate, scorer
-and lm-eval adapter do, and `skip_special_tokens=True` decodes as ours. Text that spells a
-special token stays text (`split_special_tokens`), as in ours. The workdir's config.json
-and widths are kept in D/tlm_jax.json, from which `load(D)` reads the params back.
+The tokenizer is the workdir's (byte or SentencePiece) as `tokenizer.json` (the
+`tokenizers` library): encoding a text with `add_special_tokens=False` gives our ids; the
+default puts the separator (our EOS, the token every training document follows) in front,
+as tlm_jax's generate, scorer and lm-eval adapter do, and `skip_special_tokens=True`
+decodes as ours; text that spells a special token stays text (`split_special_tokens`), as
+in ours. D/tlm_jax_config.json is the workdir's config and D/tlm_jax.json records the
+step, the widths and (llama format) the padding's cost; `load(D)` reads the params back.
 
-Titans, Hope, sliding windows, persistent tokens and the X shape are not exported yet (a
-one-line error naming the field).
+The export computes in its weights' dtype: a model trained with model.dtype=bfloat16
+exported in float32 gives logits a little more exact than the JAX model's. Titans, Hope,
+sliding windows, persistent tokens and the X shape are not exported yet (a one-line error
+naming the field). Needs the [hf] extra (`pip install -e '.[hf]'`).
 """
 
 from __future__ import annotations
@@ -186,8 +189,7 @@ def params_from_hf(
       name, layout = names[rest]
       value = tensors[f"model.layers.{l}.{name}"]
       if name.startswith("mlp."):
-        axis = 1 if name.endswith("down_proj.weight") else 0
-        value = np.take(value, np.arange(widths[l]), axis=axis)
+        value = value[:, : widths[l]] if name.endswith("down_proj.weight") else value[: widths[l]]
       value = _from_hf(value, layout, variable.shape)
     flat.append((path, variable.replace(jnp.asarray(value, variable.dtype))))
   return nnx.from_flat_state(flat)
@@ -217,8 +219,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-  from safetensors.numpy import save_file
-
+  try:
+    from safetensors.numpy import save_file
+  except ImportError as e:
+    raise ConfigError(f"export_hf needs the [hf] extra ({e}): pip install -e '.[hf]'") from e
   save_file(tensors, path, metadata={"format": "pt"})
 
 
