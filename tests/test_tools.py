@@ -78,3 +78,52 @@ def test_bench_data_reports_per_host_rates_streamed_and_pretokenized(tmp_path):
   assert sorted(rates) == ["pretokenized", "streamed"]
   for mode in rates.values():
     assert sorted(mode) == ["1", "4"] and all(rate > 0 for rate in mode.values())
+
+
+TINY = ("--config", "configs/tlm_transformer.py:tiny", "--config.model.num_layers=2")
+
+
+def test_bench_compile_only_reports_the_init_compile_beside_the_step():
+  result, out = run_module(
+    "tlm_jax.bench",
+    *TINY,
+    "--compile_only",
+    "--config.train.batch_size=8",
+    "--config.train.seq_len=32",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out)
+  assert report["compile_s"] > 0 and report["init_compile_s"] > 0
+  assert report["init_over_step_compile"] == report["init_compile_s"] / report["compile_s"]
+
+
+def test_bench_decode_reports_prefill_against_forward_and_decoding_rates():
+  result, out = run_module(
+    "tlm_jax.bench", *TINY, "--decode", "--prompt_len", "40", "--new_tokens", "4", "--steps", "1"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out)
+  assert report["prompt_len"] == 40 and report["prefill_pieces"] == [32, 8]
+  prefill, forward = report["prefill_tokens_per_sec"], report["forward_tokens_per_sec"]
+  assert report["prefill_over_forward"] == prefill / forward
+  b1, b32 = report["decode_tokens_per_sec_b1"], report["decode_tokens_per_sec_b32"]
+  assert all(0 < rate < 1e9 for rate in (prefill, forward, b1, b32))
+  assert b32 > b1  # 32 rows a step cost less than 32 steps
+
+
+def test_bench_profile_writes_a_trace_of_bare_steps(tmp_path):
+  folder = tmp_path / "profile"
+  result, out = run_module(
+    "tlm_jax.bench",
+    *TINY,
+    "--config.train.batch_size=8",
+    "--config.train.seq_len=32",
+    "--profile",
+    str(folder),
+    "--steps",
+    "2",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  traces = list(folder.rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert json.loads(out)["traces"] == [str(traces[0].relative_to(folder))]

@@ -8,8 +8,10 @@ MFU and peak device memory (per program, from XLA), plus tapered / uniform
 ratios. Batches are random tokens (the data pipeline is not what is measured).
 
     python -m tlm_jax.bench --config C --loop [--steps 150]   # loop_over_step_tokens_per_sec
-    python -m tlm_jax.bench --config C --compile_only         # compile_s, compile_ratio
+    python -m tlm_jax.bench --config C --compile_only         # compile_s, init_compile_s
     python -m tlm_jax.bench --config C --data [--hosts 1,2,4]  # host tokens/s per process
+    python -m tlm_jax.bench --config C --decode [--prompt_len 512 --new_tokens 64 --steps 5]
+    python -m tlm_jax.bench --config C --profile DIR [--steps 3]  # a trace of bare steps
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from tlm_jax import cli, metrics, sharding, state, taper, workdir
+from tlm_jax import cli, generate, metrics, sharding, state, taper, workdir
 from tlm_jax.data import pipeline, pretokenize
 
 
-def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-  """Compile and time `steps` train steps after one warm-up step."""
+def _warm(config: ml_collections.ConfigDict) -> tuple[state.Setup, Any, float, Any, Any]:
+  """The config's setup, its compiled train step and compile seconds, and the state after
+  one warm-up step on a batch of random tokens (the batch too)."""
   setup = state.setup(config, sharding.make_mesh(config.mesh))
   tcfg = config.train
   rng = np.random.default_rng(0)
@@ -43,9 +47,15 @@ def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   start = time.perf_counter()
   compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
   compile_s = time.perf_counter() - start
-  train_state = setup.init_fn()
-  train_state, out = compiled(train_state, batch)
+  train_state, out = compiled(setup.init_fn(), batch)
   jax.block_until_ready(out)
+  return setup, compiled, compile_s, train_state, batch
+
+
+def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
+  """Compile and time `steps` train steps after one warm-up step."""
+  setup, compiled, compile_s, train_state, batch = _warm(config)
+  tcfg = config.train
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -89,14 +99,41 @@ def run(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   )
 
 
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+
+
+def compile_seconds(fn: Callable[[], Any]) -> tuple[Any, float]:
+  """fn()'s result and the seconds JAX spent tracing, lowering and compiling inside it (its
+  own run time excluded)."""
+  spent = []
+
+  def listen(event: str, seconds: float, **kwargs: Any) -> None:
+    if event in _COMPILE_EVENTS:
+      spent.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    result = jax.block_until_ready(fn())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  return result, sum(spent)
+
+
 def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Train-step compile seconds of the config against its uniform twin run as one scan
-  (grouped layers of one width): what depth costs at compile time."""
+  (grouped layers of one width): what depth costs at compile time; and the seconds the
+  config's init (setup.init_fn, run once) spends compiling."""
   twin = taper.uniform_twin(config)
   twin.model.layers_mode = "grouped"
   times = {}
   for name, cfg in (("config", config), ("uniform_scan", twin)):
     setup = state.setup(cfg, sharding.make_mesh(cfg.mesh))
+    if name == "config":
+      _, init_s = compile_seconds(setup.init_fn)
     tokens = jax.ShapeDtypeStruct(
       (cfg.train.batch_size, cfg.train.seq_len), np.int32, sharding=setup.batch_sharding
     )
@@ -105,12 +142,97 @@ def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
     times[name] = time.perf_counter() - start
   return dict(
     device=jax.devices()[0].device_kind,
+    backbone=config.model.backbone,
     num_layers=config.model.num_layers,
     layers_mode=config.model.layers_mode,
     schedule=config.model.taper.schedule,
     compile_s=times["config"],
+    init_compile_s=init_s,
+    init_over_step_compile=init_s / times["config"],
     uniform_scan_compile_s=times["uniform_scan"],
     compile_ratio=times["config"] / times["uniform_scan"],
+  )
+
+
+def _median_seconds(fn: Callable[[], Any], runs: int) -> float:
+  """Median wall seconds of fn() (waited for) over `runs` runs after one warm-up run."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def decode(
+  config: ml_collections.ConfigDict, prompt_len: int, new_tokens: int, runs: int
+) -> dict[str, Any]:
+  """Prefill against one forward pass over the same 32 prompts, and cached decoding of
+  `new_tokens` tokens after a prompt at batch 1 and 32, through generate's own compiled
+  functions: medians of `runs` timed runs after a warm-up. Decoding seconds are
+  generate_tokens' less its prefill's. Random params (config.seed) and prompt tokens."""
+  model = state.build_model(config)
+  graphdef, params = nnx.split(model)
+  forward = jax.jit(lambda params, tokens_BT: nnx.merge(graphdef, params)(tokens_BT))
+  batch = 32
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(1, config.model.vocab_size, (batch, prompt_len), np.int32)
+  length = generate.buffer_length(prompt_len, new_tokens)
+
+  def prefill_s(rows: int) -> float:
+    return _median_seconds(lambda: generate.prefill(model, prompts[:rows], length), runs)
+
+  def decode_rate(rows: int) -> float:
+    listed = prompts[:rows].tolist()
+    generate_s = _median_seconds(
+      lambda: generate.generate_tokens(model, listed, max_new_tokens=new_tokens, eos_id=-1), runs
+    )
+    return rows * new_tokens / (generate_s - prefill_s(rows))
+
+  prefill_rate = batch * prompt_len / prefill_s(batch)
+  forward_rate = batch * prompt_len / _median_seconds(lambda: forward(params, prompts), runs)
+  return dict(
+    device=jax.devices()[0].device_kind,
+    backbone=config.model.backbone,
+    num_layers=config.model.num_layers,
+    d_model=config.model.d_model,
+    dtype=config.model.dtype,
+    batch_size=batch,
+    prompt_len=prompt_len,
+    new_tokens=new_tokens,
+    prefill_pieces=generate.prefill_pieces(prompt_len),
+    prefill_tokens_per_sec=prefill_rate,
+    forward_tokens_per_sec=forward_rate,
+    prefill_over_forward=prefill_rate / forward_rate,
+    decode_tokens_per_sec_b1=decode_rate(1),
+    decode_tokens_per_sec_b32=decode_rate(batch),
+  )
+
+
+def profile(config: ml_collections.ConfigDict, folder: str, steps: int) -> dict[str, Any]:
+  """A jax.profiler trace of `steps` bare train steps (compiled and warmed up first) under
+  `folder`: plugins/profile/TIME/HOST.xplane.pb (TensorBoard's profile plugin, XProf) and
+  HOST.trace.json.gz (ui.perfetto.dev)."""
+  _, compiled, _, train_state, batch = _warm(config)
+  with jax.profiler.trace(folder):
+    for _ in range(steps):
+      train_state, out = compiled(train_state, batch)
+    jax.block_until_ready(out)
+  traces = sorted(
+    os.path.relpath(os.path.join(root, name), folder)
+    for root, _, names in os.walk(folder)
+    for name in names
+    if name.endswith(".xplane.pb")
+  )
+  return dict(
+    device=jax.devices()[0].device_kind,
+    devices=jax.device_count(),
+    batch_size=config.train.batch_size,
+    seq_len=config.train.seq_len,
+    steps=steps,
+    folder=folder,
+    traces=traces,
   )
 
 
@@ -189,6 +311,10 @@ def main(argv: Sequence[str]) -> None:
     result = data(_CONFIG.value, [int(h) for h in _HOSTS.value], _STEPS.value)
   elif _COMPILE_ONLY.value:
     result = compile_only(_CONFIG.value)
+  elif _DECODE.value:
+    result = decode(_CONFIG.value, _PROMPT_LEN.value, _NEW_TOKENS.value, _STEPS.value)
+  elif _PROFILE.value:
+    result = profile(_CONFIG.value, _PROFILE.value, _STEPS.value)
   else:
     result = run(_CONFIG.value, _STEPS.value)
   print(json.dumps(result))
@@ -199,13 +325,26 @@ if __name__ == "__main__":
 
   _CONFIG = cli.config_flag()
   _STEPS = flags.DEFINE_integer(
-    "steps", 20, "Timed steps per model (after one warm-up).", lower_bound=1
+    "steps",
+    20,
+    "Timed steps per model (after one warm-up); --decode: timed runs; --profile: traced steps.",
+    lower_bound=1,
   )
   _LOOP = flags.DEFINE_bool("loop", False, "The real train loop against the bare step.")
   _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile seconds against the uniform twin as one scan."
   )
   _DATA = flags.DEFINE_bool("data", False, "Host tokens/s of the data pipeline per process.")
+  _DECODE = flags.DEFINE_bool(
+    "decode", False, "Prefill against a forward pass, cached decoding at batch 1 and 32."
+  )
+  _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "--decode: prompt tokens.", lower_bound=1)
+  _NEW_TOKENS = flags.DEFINE_integer(
+    "new_tokens", 64, "--decode: tokens generated per prompt.", lower_bound=1
+  )
+  _PROFILE = flags.DEFINE_string(
+    "profile", None, "Write a jax.profiler trace of --steps bare train steps under this folder."
+  )
   _HOSTS = flags.DEFINE_list("hosts", ["1", "2", "4"], "--data: simulated host counts.")
   flags.register_validator(
     "hosts",
