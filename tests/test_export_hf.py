@@ -286,6 +286,17 @@ def test_auto_tokenizer_encodes_and_decodes_as_sentencepiece(kind, tmp_path):
   check_tokenizer(transformers.AutoTokenizer.from_pretrained(str(tmp_path)), ours, SPM_TEXTS)
 
 
+def test_auto_tokenizer_encodes_and_decodes_as_an_hf_tokenizer(tmp_path):
+  path = tokenizers.train_hf(SPM_CORPUS, str(tmp_path / "bpe"), 300)
+  config = tiny_config("transformer")
+  config.data.update(tokenizer="hf", hf_tokenizer=path)
+  ours = tokenizers.make_tokenizer(config.data)
+  (tmp_path / "out").mkdir()
+  export_hf.write_tokenizer(str(tmp_path / "out"), config.data, ours, 64)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  check_tokenizer(hf, ours, [*SPM_TEXTS, "<|endoftext|> as text"])
+
+
 @pytest.mark.parametrize(
   "field, value",
   [

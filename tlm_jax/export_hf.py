@@ -14,13 +14,14 @@ transformers only), `model.safetensors` (Llama's parameter names, plus
 exact (silu(0) * 0 = 0), so stock `LlamaForCausalLM` loads it with no remote code (vLLM,
 llama.cpp, any Llama tool); it prints what the padding costs in params and FLOPs.
 
-The tokenizer is the workdir's (byte or SentencePiece) as `tokenizer.json` (the
-`tokenizers` library): encoding a text with `add_special_tokens=False` gives our ids; the
-default puts the separator (our EOS, the token every training document follows) in front,
-as tlm_jax's generate, scorer and lm-eval adapter do, and `skip_special_tokens=True`
-decodes as ours; text that spells a special token stays text (`split_special_tokens`), as
-in ours. D/tlm_jax_config.json is the workdir's config and D/tlm_jax.json records the
-step, the widths and (llama format) the padding's cost; `load(D)` reads the params back.
+The tokenizer is the workdir's as `tokenizer.json` (the `tokenizers` library: bytes, a
+SentencePiece BPE converted, or data.hf_tokenizer's own): encoding a text with
+`add_special_tokens=False` gives our ids; the default puts the separator (our EOS, the token
+every training document follows) in front, as tlm_jax's generate, scorer and lm-eval adapter
+do, and `skip_special_tokens=True` decodes as ours; text that spells a special token stays
+text (`split_special_tokens`), as in ours. D/tlm_jax_config.json is the workdir's config and
+D/tlm_jax.json records the step, the widths and (llama format) the padding's cost; `load(D)`
+reads the params back.
 
 The export computes in its weights' dtype: a model trained with model.dtype=bfloat16
 exported in float32 gives logits a little more exact than the JAX model's. Titans, Hope,
@@ -41,8 +42,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import tokenizers as hf
 from absl import flags
+from etils import epath
 from flax import nnx
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from tlm_jax import cli, restore, state
 from tlm_jax import config as config_lib
@@ -234,16 +238,14 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 def _byte_tokenizer() -> Any:
   """One id per UTF-8 byte (ids = byte values, as ByteTokenizer), id 0 the separator
   BYTE_SEPARATOR; NUL is stripped from input, as ours strips it."""
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
   vocab = {char: byte for byte, char in enumerate(_byte_chars()) if byte}
   vocab[BYTE_SEPARATOR] = 0
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.normalizer = normalizers.Replace("\0", "")
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(
+  tok = hf.Tokenizer(hf.models.BPE(vocab=vocab, merges=[]))
+  tok.normalizer = hf.normalizers.Replace("\0", "")
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(
     add_prefix_space=False, trim_offsets=False, use_regex=False
   )
-  tok.decoder = decoders.ByteLevel()
+  tok.decoder = hf.decoders.ByteLevel()
   return tok
 
 
@@ -266,10 +268,6 @@ def _spm_tokenizer(model_path: str) -> tuple[Any, list[str], str]:
   `python -m tlm_jax.data.tokenizers` trains) as a `tokenizers` BPE with the same pieces and
   ids, merges in the order of the merged pieces' scores (SentencePiece merges the best-scored
   piece first), and byte fallback; its control and unknown pieces; its unknown piece."""
-  from etils import epath
-  from sentencepiece import sentencepiece_model_pb2 as spm_pb2
-  from tokenizers import Tokenizer, decoders, models, normalizers
-
   proto = spm_pb2.ModelProto()
   proto.ParseFromString(epath.Path(model_path).read_bytes())
   norm, trainer = proto.normalizer_spec, proto.trainer_spec
@@ -298,16 +296,16 @@ def _spm_tokenizer(model_path: str) -> tuple[Any, list[str], str]:
         ranked.append((-score, vocab[piece], cut, left, right))
   merges = [(left, right) for *_, left, right in sorted(ranked)]
   unk = proto.pieces[trainer.unk_id].piece
-  tok = Tokenizer(
-    models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+  tok = hf.Tokenizer(
+    hf.models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
   )
-  steps = [normalizers.Replace(" ", "\u2581")]
+  steps = [hf.normalizers.Replace(" ", "\u2581")]
   if norm.add_dummy_prefix:
-    steps.insert(0, normalizers.Prepend(" "))
-  tok.normalizer = normalizers.Sequence(steps)
-  strip = [decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []
-  tok.decoder = decoders.Sequence(
-    [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    steps.insert(0, hf.normalizers.Prepend(" "))
+  tok.normalizer = hf.normalizers.Sequence(steps)
+  strip = [hf.decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []
+  tok.decoder = hf.decoders.Sequence(
+    [hf.decoders.Replace("\u2581", " "), hf.decoders.ByteFallback(), hf.decoders.Fuse(), *strip]
   )
   special = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
   return tok, special, unk
@@ -316,21 +314,20 @@ def _spm_tokenizer(model_path: str) -> tuple[Any, list[str], str]:
 def write_tokenizer(out: str, data_cfg: Any, tokenizer: tokenizers.Tokenizer, seq_len: int) -> None:
   """tokenizer.json and tokenizer_config.json: AutoTokenizer encodes as `tokenizer` with the
   separator (its eos_id) in front, and decodes as it with skip_special_tokens=True."""
-  from tokenizers import AddedToken, processors
-
   settings: dict[str, Any] = {}
   if isinstance(tokenizer, tokenizers.ByteTokenizer):
     tok, special = _byte_tokenizer(), [BYTE_SEPARATOR]
   elif isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
     tok, special, settings["unk_token"] = _spm_tokenizer(data_cfg.spm_model)
-  else:
-    raise ConfigError(
-      f"data.tokenizer={data_cfg.tokenizer!r} is not exported to Hugging Face yet; "
-      "export_hf takes the byte and SentencePiece tokenizers"
-    )
+  else:  # data.tokenizer=hf: its own tokenizer.json, with our template in front
+    tok = hf.Tokenizer.from_str(epath.Path(tokenizers.hf_file(data_cfg.hf_tokenizer)).read_text())
+    special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+    unknown = json.loads(tok.to_str())["model"].get("unk_token")
+    if unknown:
+      settings["unk_token"] = unknown
   separator = tok.id_to_token(tokenizer.eos_id)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-  tok.post_processor = processors.TemplateProcessing(
+  tok.add_special_tokens([hf.AddedToken(t, special=True, normalized=False) for t in special])
+  tok.post_processor = hf.processors.TemplateProcessing(
     single=f"{separator} $A",
     pair=f"{separator} $A {separator} $B",
     special_tokens=[(separator, tokenizer.eos_id)],
