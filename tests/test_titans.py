@@ -279,30 +279,102 @@ def mixer_reference(mixer, x_TD):
   return np.concatenate(outs), memory.capped
 
 
-@pytest.mark.parametrize("variant", ["mag", "mal", "mac"])
-def test_mixer_matches_the_token_by_token_reference(variant):
+def random_mixer(persistent_tokens=2, **titans_fields):
+  """A tiny Titans mixer (chunks of 4, segments of 8, window 4) with random params, norm
+  scales around 1, so that every part shows; and its graphdef, params."""
   cfg = helpers.load_config("tlm_titans", "tiny")
-  cfg.model.update(persistent_tokens=2, attention_window=4)
+  cfg.model.update(persistent_tokens=persistent_tokens, attention_window=4)
   cfg.model.titans.update(
-    variant=variant, chunk_size=4, segment_size=8, max_inner_lr=0.5, max_grad_norm=0.2
+    dict(chunk_size=4, segment_size=8, max_inner_lr=0.5, max_grad_norm=0.2), **titans_fields
   )
   spec = config_lib.model_spec(cfg)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: titans.Titans(spec, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(0)  # random params, norm scales around 1: every part shows
+  rng = np.random.default_rng(0)
 
   def fill(x):
     z = rng.standard_normal(x.shape, np.float32)
     return jnp.asarray(1 + 0.2 * z if len(x.shape) == 1 else 0.15 * z)
 
   params = jax.tree.map(fill, abstract)
-  mixer = nnx.merge(graphdef, params)
-  x_BTD = rng.standard_normal((2, 16, spec.d_model), np.float32)
+  return nnx.merge(graphdef, params), graphdef, params
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal", "mac"])
+def test_mixer_matches_the_token_by_token_reference(variant):
+  mixer, graphdef, params = random_mixer(variant=variant)
+  x_BTD = np.random.default_rng(0).standard_normal((2, 16, mixer.attention.w_q.shape[0]))
+  x_BTD = x_BTD.astype(np.float32)
   positions_BT = jnp.broadcast_to(jnp.arange(16), (2, 16))
   got = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, positions_BT))(params, x_BTD)
   for b in range(2):
     want, capped = mixer_reference(mixer, x_BTD[b])
     np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=1e-4)
     assert capped  # the cap acts on some tokens here
+
+
+# ---------------------------------------------------------------------------
+# Rematerialised memory scans (model.titans.remat_chunks) against the plain scan.
+# ---------------------------------------------------------------------------
+
+
+# mag / mal: 2 persistent + 2 neutral + 18 tokens + 2 padding = 6 chunks in groups of 4;
+# mac: segments of 12 = 3 chunks in groups of 2. Either way the last group is partial.
+@pytest.mark.parametrize(
+  "variant, remat_chunks, segment_size", [("mag", 4, 8), ("mal", 4, 8), ("mac", 2, 12)]
+)
+def test_rematerialised_scan_gives_the_plain_loss_and_gradients(
+  variant, remat_chunks, segment_size
+):
+  plain, graphdef, params = random_mixer(variant=variant, segment_size=segment_size)
+  remat = random_mixer(variant=variant, segment_size=segment_size, remat_chunks=remat_chunks)[1]
+  rng = np.random.default_rng(1)
+  x_BTD = jnp.asarray(rng.standard_normal((2, 18, plain.attention.w_q.shape[0])), jnp.float32)
+  probe_BTD = jnp.asarray(rng.standard_normal(x_BTD.shape), jnp.float32)
+  positions_BT = jnp.broadcast_to(jnp.arange(18), (2, 18))
+
+  def loss(params, graphdef):
+    return jnp.sum(nnx.merge(graphdef, params)(x_BTD, positions_BT) * probe_BTD)
+
+  assert "remat" in str(jax.make_jaxpr(loss, static_argnums=1)(params, remat))
+  both = jax.jit(lambda p: [jax.value_and_grad(loss)(p, g) for g in (graphdef, remat)])
+  (want, want_grads), (got, got_grads) = both(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for (path, g), w in zip(jax.tree.leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+    assert np.abs(w).max() > 0, path
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=str(path))
+
+
+# ---------------------------------------------------------------------------
+# Decoding in pieces of any length, from any position, equals __call__.
+# ---------------------------------------------------------------------------
+
+# Chunks of 4, segments of 8: pieces of 1, C - 1, C, C + 1, S + 3, ... that start at a
+# segment's start (0, 8, 24), at a chunk's start inside a segment (4) and between (1, 13, 25,
+# 29), and end at or between boundaries.
+PIECES = (1, 3, 4, 5, 11, 1, 4, 7)
+
+
+@pytest.mark.parametrize("variant, persistent_tokens", [("mag", 0), ("mal", 2), ("mac", 3)])
+def test_decode_in_pieces_equals_call_at_every_position(variant, persistent_tokens):
+  mixer, graphdef, params = random_mixer(persistent_tokens, variant=variant)
+  length = sum(PIECES)
+  rng = np.random.default_rng(2)
+  x_BTD = jnp.asarray(rng.standard_normal((2, length, mixer.attention.w_q.shape[0])), jnp.float32)
+  positions_BT = jnp.broadcast_to(jnp.arange(length), (2, length))
+
+  @jax.jit  # one program for all the pieces: one compile
+  def decode_and_call(params):
+    mixer = nnx.merge(graphdef, params)
+    cache, start, pieces = mixer.init_cache(2, length), 0, []
+    for size in PIECES:
+      window = slice(start, start + size)
+      y_BTD, cache = mixer.decode(x_BTD[:, window], positions_BT[:, window], cache)
+      pieces.append(y_BTD)
+      start += size
+    return jnp.concatenate(pieces, axis=1), mixer(x_BTD, positions_BT)
+
+  decoded, want = decode_and_call(params)
+  np.testing.assert_allclose(decoded, want, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -18,10 +18,13 @@ M_c, S_c and a weighted sum of those outer products. The two linear
 recurrences are solved in closed form with lower-triangular chunk x chunk
 decay matrices (what an associative scan of (decay, input) pairs computes),
 and reads become matmuls, as in linear attention. Chunks are chained with
-lax.scan. Each token's gradient is scaled to a norm of at most
-`titans.max_grad_norm` (not in the paper; 0 turns it off): inside a chunk the
-same stale gradient is applied up to chunk_size times, amplified by momentum,
-so the chunked rule can blow up where the token-by-token rule stays bounded.
+lax.scan; with `titans.remat_chunks` the scan runs over groups of chunks that
+the backward pass recomputes from each group's first state, so a layer keeps
+the memory state of the group boundaries only. Each token's gradient is scaled
+to a norm of at most `titans.max_grad_norm` (not in the paper; 0 turns it off):
+inside a chunk the same stale gradient is applied up to chunk_size times,
+amplified by momentum, so the chunked rule can blow up where the token-by-token
+rule stays bounded.
 
 The decay matrices are products of (1 - alpha) and of eta over (u, t]. They
 are summed in log space segment by segment (each entry its own sum, not a
@@ -151,6 +154,8 @@ def memory_scan(
   chunk_size: int,
   unroll: bool = False,
   max_grad_norm: float = 0.0,
+  remat_chunks: int = 0,
+  keep_K: Array | None = None,
 ) -> tuple[tuple[list[Array], list[Array]], Array]:
   """One head over a sequence (T divisible by chunk_size) from state (M, S).
 
@@ -158,17 +163,41 @@ def memory_scan(
   differentiable, so the outer model learns the initial memory, the
   projections and the gates through the inner updates. max_grad_norm caps
   each token's inner gradient (0: the paper's uncapped rule).
+
+  keep_K: per chunk, whether its end state is kept (a chunk not kept reads from the state
+  as it finds it and leaves it unchanged; decode's partial and padding chunks); None: all.
+  remat_chunks=G > 0 scans over groups of G chunks, each group under jax.checkpoint: the
+  backward pass keeps the float32 state only at group boundaries and recomputes a group's
+  chunks from its boundary, holding about K/G + G chunk states instead of K (and, between
+  a layer's forward and backward pass, none of its chunks' intermediates). A last partial
+  group is filled with zero chunks that are not kept.
   """
   length = q_TH.shape[0]
   chunks = length // chunk_size
+  xs = tuple(
+    x.reshape(chunks, chunk_size, *x.shape[1:]) for x in (q_TH, k_TH, v_TH, eta_T, theta_T, alpha_T)
+  )
+  group = min(remat_chunks, chunks)
+  pad = -chunks % group if group else 0
+  if pad:
+    keep_K = jnp.arange(chunks + pad) < chunks if keep_K is None else jnp.pad(keep_K, (0, pad))
+    xs = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in xs)
 
-  def split(x):
-    return x.reshape(chunks, chunk_size, *x.shape[1:])
+  def step(state, chunk_keep):
+    chunk, keep = chunk_keep
+    new, y_CH = memory_chunk(state, chunk, max_grad_norm)
+    if keep is not None:
+      new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state)
+    return new, y_CH
 
-  xs = tuple(split(x) for x in (q_TH, k_TH, v_TH, eta_T, theta_T, alpha_T))
-  step = functools.partial(memory_chunk, max_grad_norm=max_grad_norm)
-  state, y = jax.lax.scan(step, state, xs, unroll=unroll)
-  return state, y.reshape(length, -1)
+  run = lambda state, chunks_keep: jax.lax.scan(step, state, chunks_keep, unroll=unroll)
+  if not group:
+    state, y = run(state, (xs, keep_K))
+  else:
+    by_group = lambda x: x.reshape(-1, group, *x.shape[1:])
+    grouped = jax.tree.map(by_group, (xs, keep_K))
+    state, y = jax.lax.scan(jax.checkpoint(run, prevent_cse=False), state, grouped, unroll=unroll)
+  return state, y.reshape(-1, y.shape[-1])[:length]
 
 
 def memory_read(
@@ -197,10 +226,17 @@ def multihead_memory_scan(
   chunk_size: int,
   unroll: bool = False,
   max_grad_norm: float = 0.0,
+  remat_chunks: int = 0,
+  keep_K: Array | None = None,
 ) -> tuple[tuple[list[Array], list[Array]], Array]:
   """memory_scan over (batch, heads); state leaves are (B, N, in, out), reads (B, T, N, H)."""
   scan = functools.partial(
-    memory_scan, chunk_size=chunk_size, unroll=unroll, max_grad_norm=max_grad_norm
+    memory_scan,
+    chunk_size=chunk_size,
+    unroll=unroll,
+    max_grad_norm=max_grad_norm,
+    remat_chunks=remat_chunks,
+    keep_K=keep_K,
   )
   per_head = jax.vmap(scan, in_axes=(0,) + (1,) * 6, out_axes=(0, 1))
   return jax.vmap(per_head)(state, q_BTNH, k_BTNH, v_BTNH, eta_BTN, theta_BTN, alpha_BTN)
@@ -267,6 +303,7 @@ class NeuralMemory(nnx.Module):
     self.w_o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), output_std(spec), pdt)
     self.chunk_size, self.max_inner_lr = spec.titans.chunk_size, spec.titans.max_inner_lr
     self.unroll, self.max_grad_norm = spec.titans.unroll, spec.titans.max_grad_norm
+    self.remat_chunks = spec.titans.remat_chunks
     self.dtype = jnp.dtype(spec.dtype)
 
   def project(self, x_BTD: Array, name: str, tail_BWNH: Array | None = None) -> tuple[Array, Array]:
@@ -302,7 +339,12 @@ class NeuralMemory(nnx.Module):
 
   @property
   def scan_options(self) -> dict:
-    return dict(chunk_size=self.chunk_size, unroll=self.unroll, max_grad_norm=self.max_grad_norm)
+    return dict(
+      chunk_size=self.chunk_size,
+      unroll=self.unroll,
+      max_grad_norm=self.max_grad_norm,
+      remat_chunks=self.remat_chunks,
+    )
 
   def initial_state(self, batch: int) -> tuple[list[Array], list[Array]]:
     """The learned initial memory for each sequence, zero surprise: leaves (B, N, in, out)."""
@@ -348,43 +390,35 @@ class NeuralMemory(nnx.Module):
     buffer = (rows_BCNH,) * 3 + (rows_BCNH[..., 0],) * 3
     return dict(state=state, tails=tails, buffer=buffer, n=jnp.zeros((), jnp.int32))
 
-  def step(self, x_B1D: Array, cache: dict) -> tuple[Array, dict]:
-    """One token: its read (B, 1, N, H) before `output`, and the cache after it.
-
-    The token's row goes into the chunk buffer at n, and the chunk's closed form runs on
-    the buffer from the chunk's start state: row n's read depends on rows <= n only (the
-    decay and mix matrices are lower-triangular), so the stale rows after n, finite, do
-    not matter. The chunk's end state is kept once the token fills it.
-    """
-    projected = {name: self.project(x_B1D, name, cache["tails"][name]) for name in "qkv"}
-    rows = tuple(projected[name][0] for name in "qkv") + self.gates(x_B1D)
-    n = cache["n"]
-    buffer = tuple(
-      jax.lax.dynamic_update_slice_in_dim(b, r, n, axis=1) for b, r in zip(cache["buffer"], rows)
-    )
-    chunk = functools.partial(memory_chunk, max_grad_norm=self.max_grad_norm)
-    per_head = jax.vmap(chunk, in_axes=(0, 1), out_axes=(0, 1))
-    end_state, y_BCNH = jax.vmap(per_head)(cache["state"], buffer)
-    full = n + 1 == self.chunk_size
-    state = jax.tree.map(lambda new, old: jnp.where(full, new, old), end_state, cache["state"])
-    cache = dict(
-      state=state,
-      tails={name: projected[name][1] for name in "qkv"},
-      buffer=buffer,
-      n=jnp.where(full, 0, n + 1),
-    )
-    return jax.lax.dynamic_slice_in_dim(y_BCNH, n, 1, axis=1), cache
-
   def decode(self, x_BTD: Array, cache: dict) -> tuple[Array, dict]:
-    """__call__'s outputs for the next T tokens of the sequence, a token at a time: a prefill
-    of T tokens costs T chunk closed forms."""
+    """__call__'s outputs for the next T tokens of the sequence, through the chunk closed
+    forms training uses.
 
-    def token(cache, x_BD):
-      y_B1NH, cache = self.step(x_BD[:, None], cache)
-      return cache, y_B1NH[:, 0]
-
-    cache, y_TBNH = jax.lax.scan(token, cache, jnp.moveaxis(x_BTD, 1, 0))
-    return self.output(jnp.moveaxis(y_TBNH, 0, 1), x_BTD), cache
+    The current chunk's n buffered rows and the T new rows are laid out from the chunk's
+    start in whole chunks (n + T rows and the rest filled with stale or zero rows, all
+    finite), and scanned from the chunk's start state, which is kept after each full chunk
+    only: the reads of row r depend on rows <= r alone (the decay and mix matrices are
+    lower-triangular). The rows of the last partial chunk are the next buffer. A call costs
+    ceil((T + C - 1) / C) chunk closed forms, one for a single token.
+    """
+    projected = {name: self.project(x_BTD, name, cache["tails"][name]) for name in "qkv"}
+    rows = tuple(projected[name][0] for name in "qkv") + self.gates(x_BTD)
+    size, length, n = self.chunk_size, x_BTD.shape[1], cache["n"]
+    span = size * -(-(length + size - 1) // size)  # whole chunks that hold n + T rows, any n
+    layout = tuple(
+      jax.lax.dynamic_update_slice_in_dim(pad_time(b, 0, span - size), r, n, axis=1)
+      for b, r in zip(cache["buffer"], rows)
+    )
+    end = n + length
+    full_K = (jnp.arange(span // size) + 1) * size <= end
+    state, y_BLNH = multihead_memory_scan(
+      cache["state"], *layout, size, max_grad_norm=self.max_grad_norm, keep_K=full_K
+    )
+    # The last partial chunk's rows (clamped into the layout when none: then any rows do).
+    buffer = tuple(jax.lax.dynamic_slice_in_dim(a, end // size * size, size, 1) for a in layout)
+    tails = {name: projected[name][1] for name in "qkv"}
+    cache = dict(state=state, tails=tails, buffer=buffer, n=end % size)
+    return self.output(jax.lax.dynamic_slice_in_dim(y_BLNH, n, length, 1), x_BTD), cache
 
   def __call__(self, x_BSD: Array, prefix: int = 0) -> Array:
     """Outputs at every position of x = [prefix tokens | sequence], the memory learning from
@@ -428,8 +462,10 @@ class Titans(nnx.Module):
       the memory steps (chunks of titans.chunk_size) over y's keys and values, and
       out = y (x) memory read of y, combined as in mag.
   SWA: sliding-window attention of model.attention_window tokens (0: full causal).
-  Decoding (init_cache, decode) feeds the memory a token at a time through the same
-  chunk closed form, keeping the state at the last chunk boundary.
+  Decoding (init_cache, decode) runs the next T tokens through the chunk closed forms
+  training uses, a memory chunk at a time from the last chunk boundary (where the state is
+  kept, with the current chunk's rows), so a prompt of T tokens costs about T / chunk_size
+  chunks, a single token one.
   """
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
@@ -518,8 +554,7 @@ class Titans(nnx.Module):
     return dict(cache, memory=self.memory.init_cache(batch, p_BPD), prefix_BPD=prefix_BPD)
 
   def decode(self, x_BTD: Array, positions_BT: Array, cache: dict) -> tuple[Array, dict]:
-    """__call__ at the next T tokens of the sequence. The memory goes a token at a time, so a
-    prefill costs a memory chunk's closed form per token."""
+    """__call__ at the next T tokens of the sequence, the memory in chunks (its decode)."""
     if self.variant == "mac":
       return self.decode_as_context(x_BTD, positions_BT, cache)
     new, prefix = dict(cache), {}
@@ -542,59 +577,96 @@ class Titans(nnx.Module):
 
   def init_context_cache(self, batch: int) -> dict:
     """mac: the q conv tail of x, the memory weights at the segment's start, the segment's h
-    and x rows so far (`i` of them), and the cache of the memory that steps over y."""
+    and x rows so far (`i` of them), and the memory that steps over y as it was at the start
+    of the current chunk (its state and y's conv tails): the chunk's y rows are recomputed
+    from the h and x rows."""
     mem = self.memory
     memory = mem.init_cache(batch)
-    rows_BCD = jnp.zeros((batch, self.segment_size, self.attention.w_q.shape[0]), mem.dtype)
+    rows_BSD = jnp.zeros((batch, self.segment_size, self.attention.w_q.shape[0]), mem.dtype)
     return dict(
       q_tail=memory["tails"]["q"],
       start_weights=memory["state"][0],
-      h_BCD=rows_BCD,
-      x_BCD=rows_BCD,
+      h_BSD=rows_BSD,
+      x_BSD=rows_BSD,
       i=jnp.zeros((), jnp.int32),
-      memory=memory,
+      memory=dict(state=memory["state"], tails=memory["tails"]),
     )
 
   def decode_as_context(self, x_BTD: Array, positions_BT: Array, cache: dict) -> tuple[Array, dict]:
-    """memory_as_context a token at a time: token t attends over [p | h | x] of its segment
-    so far (the buffer's later, stale rows masked out), then the memory steps over its y."""
-    mem, size, prefix = self.memory, self.segment_size, self.prefix_length
+    """memory_as_context for the next T tokens, a memory chunk at a time (chunks never cross
+    a segment's end): the current chunk's rows so far and the new rows are laid out from the
+    chunk's start in whole chunks, as NeuralMemory.decode lays them out. Per chunk: h of its
+    new rows from the weights at its segment's start, attention of its C rows over
+    [p | h | x] of the segment up to each row (the rows buffered before, recomputed, give
+    what they gave), and one memory chunk over their y; the memory's state and tails are
+    kept after full chunks, the segment's rows and start weights after every chunk that
+    holds a new row. A call costs ceil((T + C - 1) / C) chunks."""
+    mem, segment, prefix = self.memory, self.segment_size, self.prefix_length
+    size, (batch, length, _), i = mem.chunk_size, x_BTD.shape, cache["i"]
+    n = i % size
+    span = size * -(-(length + size - 1) // size)
+    q_BTNH, q_tail = mem.project(x_BTD, "q", cache["q_tail"])
 
-    def token(cache, inputs):
-      x_BD, pos_B = inputs
-      x_B1D, pos_B1, i = x_BD[:, None], pos_B[:, None], cache["i"]
-      q_B1NH, q_tail = mem.project(x_B1D, "q", cache["q_tail"])
-      h_B1D = mem.output(multihead_read(cache["start_weights"], q_B1NH), x_B1D)
-      write = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(
-        rows, row.astype(rows.dtype), i, axis=1
+    def by_chunk(a_BT):  # the new rows at n of `span`, then (chunks, B, C, ...)
+      zeros = jnp.zeros((batch, span, *a_BT.shape[2:]), a_BT.dtype)
+      a_BL = jax.lax.dynamic_update_slice_in_dim(zeros, a_BT, n, axis=1)
+      return jnp.moveaxis(a_BL.reshape(batch, span // size, size, *a_BT.shape[2:]), 1, 0)
+
+    rows_L = jnp.arange(span)
+    new_KC = ((rows_L >= n) & (rows_L < n + length)).reshape(-1, size)
+    first_K = i - n + size * jnp.arange(span // size)  # each chunk's first row, from i's segment
+    segment_start_B1 = positions_BT[:, :1] - i  # position of the current segment's first row
+    keys_S = jnp.arange(segment)
+    keep = lambda flag, new, old: jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+    def chunk(carry, inputs):
+      start_weights, h_BSD, x_BSD, memory = carry
+      x_BCD, q_BCNH, new_C, first = inputs
+      row = first % segment  # the chunk's first row in its segment
+      weights = keep(row == 0, memory["state"][0], start_weights)
+      h_BCD = mem.output(multihead_read(weights, q_BCNH), x_BCD)
+      write = lambda rows_BSD, new_BCD: jax.lax.dynamic_update_slice_in_dim(
+        rows_BSD,
+        jnp.where(
+          new_C[:, None], new_BCD, jax.lax.dynamic_slice_in_dim(rows_BSD, row, size, 1)
+        ).astype(rows_BSD.dtype),
+        row,
+        axis=1,
       )
-      h_BCD, seg_BCD = write(cache["h_BCD"], h_B1D), write(cache["x_BCD"], x_B1D)
-      pos_BC = pos_B1 - i + jnp.arange(size)
+      h_new, x_new = write(h_BSD, h_BCD), write(x_BSD, x_BCD)
+      x_BCD = jax.lax.dynamic_slice_in_dim(x_new, row, size, 1)
+      positions_BS = segment_start_B1 + first - row + keys_S
       context_BSD, context_pos_BS = self.with_prefix(
-        jnp.concatenate([h_BCD, seg_BCD], 1), jnp.concatenate([pos_BC, pos_BC], 1)
+        jnp.concatenate([h_new, x_new], 1), jnp.concatenate([positions_BS, positions_BS], 1)
       )
-      seen_C = jnp.arange(size) <= i
-      mask_1S = jnp.concatenate([jnp.ones(prefix, bool), seen_C, seen_C])[None]
-      y_B1D = self.attend(x_B1D, context_BSD, pos_B1, context_pos_BS, mask_1S)
-      read_B1NH, memory = mem.step(y_B1D, cache["memory"])
-      out_B1D = self.combine(y_B1D, mem.output(read_B1NH, y_B1D), x_B1D)
-      end = i + 1 == size  # a segment ends on a chunk boundary: memory's state is committed
-      start_weights = jax.tree.map(
-        lambda new, old: jnp.where(end, new, old), memory["state"][0], cache["start_weights"]
+      seen_CS = keys_S <= row + jnp.arange(size)[:, None]
+      mask_CS = jnp.concatenate([jnp.ones((size, prefix), bool), seen_CS, seen_CS], axis=1)
+      positions_BC = jax.lax.dynamic_slice_in_dim(positions_BS, row, size, 1)
+      y_BCD = self.attend(x_BCD, context_BSD, positions_BC, context_pos_BS, mask_CS)
+      state, tails, read_BCNH = mem.scan(memory["state"], y_BCD, memory["tails"])
+      out_BCD = self.combine(y_BCD, mem.output(read_BCNH, y_BCD), x_BCD)
+      started, full = jnp.any(new_C), new_C[-1]  # holds a new row; its last row is new
+      carry = (
+        keep(started, weights, start_weights),
+        keep(started, h_new, h_BSD),
+        keep(started, x_new, x_BSD),
+        keep(full, dict(state=state, tails=tails), memory),
       )
-      cache = dict(
-        q_tail=q_tail,
-        start_weights=start_weights,
-        h_BCD=h_BCD,
-        x_BCD=seg_BCD,
-        i=jnp.where(end, 0, i + 1),
-        memory=memory,
-      )
-      return cache, out_B1D[:, 0]
+      return carry, out_BCD
 
-    inputs = (jnp.moveaxis(x_BTD, 1, 0), jnp.moveaxis(positions_BT, 1, 0))
-    cache, out_TBD = jax.lax.scan(token, cache, inputs)
-    return jnp.moveaxis(out_TBD, 0, 1), cache
+    carry = (cache["start_weights"], cache["h_BSD"], cache["x_BSD"], cache["memory"])
+    inputs = (by_chunk(x_BTD), by_chunk(q_BTNH), new_KC, first_K)
+    (start_weights, h_BSD, x_BSD, memory), out_KBCD = jax.lax.scan(chunk, carry, inputs)
+    out_BLD = jnp.moveaxis(out_KBCD, 0, 1).reshape(batch, span, -1)
+    cache = dict(
+      q_tail=q_tail,
+      start_weights=start_weights,
+      h_BSD=h_BSD,
+      x_BSD=x_BSD,
+      i=(i + length) % segment,
+      memory=memory,
+    )
+    return jax.lax.dynamic_slice_in_dim(out_BLD, n, length, 1), cache
 
   def memory_as_context(self, x_BTD: Array, positions_BT: Array) -> Array:
     """Any length: the last segment is filled with zero tokens, which only later tokens of
@@ -626,5 +698,7 @@ class Titans(nnx.Module):
     segments = tuple(map(by_segment, (x_BTD, q_BTNH, positions_BT)))
     tails = {n: jnp.zeros((batch, CONV_WIDTH - 1, *q_BTNH.shape[2:]), mem.dtype) for n in "qkv"}
     carry = (mem.initial_state(batch), tails)
+    if mem.remat_chunks:  # a segment's attention and memory scan are recomputed on the backward
+      segment = jax.checkpoint(segment, prevent_cse=False)
     _, out = jax.lax.scan(segment, carry, segments, unroll=self.unroll)
     return jnp.moveaxis(out, 0, 1).reshape(batch, padded_length, dim)[:, :length]
