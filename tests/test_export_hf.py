@@ -89,36 +89,16 @@ def workdirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(workdirs, tmp_path_factory):
-  """Each workdir exported in this process (tlm format, float32), and the first in bfloat16."""
+  """Each workdir exported (tlm format, float32), the first in bfloat16 and as llama."""
   root = tmp_path_factory.mktemp("exports")
   out = {name: str(root / name) for name in workdirs}
   for name, workdir in workdirs.items():
     export_hf.export(workdir, out[name])
   out["bfloat16"] = str(root / "bfloat16")
   export_hf.export(workdirs["transformer"], out["bfloat16"], dtype="bfloat16")
+  out["llama"] = str(root / "llama")
+  export_hf.export(workdirs["transformer"], out["llama"], "llama")
   return out
-
-
-@pytest.fixture(scope="module")
-def llama_export(workdirs, tmp_path_factory):
-  """The first workdir exported by the command line in the llama format: (folder, stdout)."""
-  out = str(tmp_path_factory.mktemp("llama") / "llama")
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "tlm_jax.export_hf",
-      f"--workdir={workdirs['transformer']}",
-      f"--out={out}",
-      "--format=llama",
-    ],
-    cwd=helpers.REPO,
-    capture_output=True,
-    text=True,
-    env=helpers.one_device_env(),
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return out, result.stdout
 
 
 @functools.cache
@@ -148,8 +128,8 @@ def test_logits_match_through_auto_model(name, workdirs, exports):
     assert np.abs(torch_logits(model) - jax_logits(workdirs[name])).max() < 1e-4
 
 
-def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports, llama_export):
-  d, printed = llama_export
+def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports):
+  d = exports["llama"]
   assert not [f for f in os.listdir(d) if f.endswith(".py")]  # no remote code
   model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
   widths = workdir_lib.read_widths(workdirs["transformer"])
@@ -157,22 +137,24 @@ def test_llama_format_loads_in_stock_llama_with_exact_padding(workdirs, exports,
   diff = np.abs(torch_logits(model) - jax_logits(workdirs["transformer"])).max()
   print(f"llama: max abs logit difference {diff:.2e}")
   assert diff < 1e-4
-  padding = json.load(open(os.path.join(d, export_hf.INFO)))["padding"]
+  info = json.load(open(os.path.join(d, export_hf.INFO)))
+  padding = info["padding"]
   tapered = transformers.AutoModelForCausalLM.from_pretrained(
     exports["transformer"], trust_remote_code=True
   )
   assert padding["params"] == tapered.num_parameters()
   assert padding["padded_params"] == model.num_parameters()
   assert padding["params_overhead"] > 0 and padding["flops_overhead"] > 0
+  printed = export_hf.summary(d, info)  # what the command prints
   assert f"every MLP padded to {max(widths)}: {padding['padded_params']:,} params" in printed
   print(printed)
 
 
 @pytest.mark.parametrize("name", ["transformer", "llama", "gated_elementwise_bias_grouped"])
-def test_load_reads_back_the_same_params(name, workdirs, exports, llama_export):
+def test_load_reads_back_the_same_params(name, workdirs, exports):
   workdir = workdirs["transformer" if name == "llama" else name]
   ours = dict(nnx.to_flat_state(restore.latest(workdir).params))
-  loaded = export_hf.load(llama_export[0] if name == "llama" else exports[name])
+  loaded = export_hf.load(exports[name])
   loaded = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
   assert loaded.keys() == ours.keys()
   for key, variable in ours.items():

@@ -494,17 +494,23 @@ def load(export_dir: str) -> lm.Decoder:
   return nnx.merge(graphdef, params)
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  info = export(_WORKDIR.value, _OUT.value, _FORMAT.value, _DTYPE.value)
-  print(f"wrote {_OUT.value} ({info['format']}, {info['dtype']}, step {info['step']})")
+def summary(out: str, info: dict[str, Any]) -> str:
+  """What the command prints: where the export went, and the llama format's padding cost."""
+  lines = [f"wrote {out} ({info['format']}, {info['dtype']}, step {info['step']})"]
   if "padding" in info:
     p = info["padding"]
-    print(
+    lines.append(
       f"llama format: every MLP padded to {p['padded_width']}: "
       f"{p['padded_params']:,} params ({p['params_overhead']:+.1%}), "
       f"{p['padded_flops_per_token']:,} training FLOPs per token ({p['flops_overhead']:+.1%})"
     )
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  info = export(_WORKDIR.value, _OUT.value, _FORMAT.value, _DTYPE.value)
+  print(summary(_OUT.value, info))
 
 
 if __name__ == "__main__":
