@@ -30,9 +30,6 @@ from tlm_jax import workdir as workdir_lib
 from tlm_jax.data import tokenizers
 from tlm_jax.errors import ConfigError
 
-# Exports are local folders and the task a local file: nothing to look up on the Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 TOKENS = np.random.default_rng(0).integers(1, 256, (2, 64))
 
 # (backbone, gate, gate_bias, tied, layers_mode): each export feature at least once.
@@ -320,6 +317,9 @@ def test_cli_refuses_titans_in_one_line(tmp_path):
 def test_lm_eval_hf_model_scores_as_our_scorer(workdirs, exports, tmp_path, monkeypatch):
   """lm-eval's own `hf` model (--model hf --model_args pretrained=D,trust_remote_code=True,
   dtype=float32, run in this process) on the local YAML task of the adapter's test."""
+  # The task reads a local file: `datasets` (read at its import) looks nothing up online.
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   import datasets
   import lm_eval
   from lm_eval.tasks import TaskManager
