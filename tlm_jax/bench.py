@@ -170,8 +170,8 @@ def decode(
 ) -> dict[str, Any]:
   """Prefill against one forward pass over the same 32 prompts, and cached decoding of
   `new_tokens` tokens after a prompt at batch 1 and 32, through generate's own compiled
-  functions: medians of `runs` timed runs after a warm-up. Decoding seconds are
-  generate_tokens' less its prefill's. Random params (config.seed) and prompt tokens."""
+  functions (prefill, then decode's loop, timed apart): medians of `runs` timed runs after a
+  warm-up. Random params (config.seed) and prompt tokens; no row stops early."""
   model = state.build_model(config)
   graphdef, params = nnx.split(model)
   forward = jax.jit(lambda params, tokens_BT: nnx.merge(graphdef, params)(tokens_BT))
@@ -180,17 +180,21 @@ def decode(
   prompts = rng.integers(1, config.model.vocab_size, (batch, prompt_len), np.int32)
   length = generate.buffer_length(prompt_len, new_tokens)
 
-  def prefill_s(rows: int) -> float:
-    return _median_seconds(lambda: generate.prefill(model, prompts[:rows], length), runs)
-
   def decode_rate(rows: int) -> float:
-    listed = prompts[:rows].tolist()
-    generate_s = _median_seconds(
-      lambda: generate.generate_tokens(model, listed, max_new_tokens=new_tokens, eos_id=-1), runs
+    tokens_BS = np.zeros((rows, length), np.int32)
+    tokens_BS[:, :prompt_len] = prompts[:rows]
+    lengths_B = np.full(rows, prompt_len, np.int32)
+    prefilled = generate.prefill(model, prompts[:rows], length)
+    seconds = _median_seconds(
+      lambda: generate.decode(
+        model, tokens_BS, lengths_B, prefilled, max_new_tokens=new_tokens, eos_id=-1
+      ),
+      runs,
     )
-    return rows * new_tokens / (generate_s - prefill_s(rows))
+    return rows * new_tokens / seconds
 
-  prefill_rate = batch * prompt_len / prefill_s(batch)
+  prefill_s = _median_seconds(lambda: generate.prefill(model, prompts, length), runs)
+  prefill_rate = batch * prompt_len / prefill_s
   forward_rate = batch * prompt_len / _median_seconds(lambda: forward(params, prompts), runs)
   return dict(
     device=jax.devices()[0].device_kind,

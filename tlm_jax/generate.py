@@ -21,7 +21,8 @@ single prompt. A row stops at EOS, after max_new_tokens, or once it ends with a
 stop sequence; the loop stops when every row has. Every backbone decodes with
 a cache (attention's keys and values, the recurrent memories' state);
 `cached=False` runs a full forward pass per token instead, the reference the
-cached path is tested against.
+cached path is tested against. `prefill` and `decode` are the two phases
+`generate_tokens` runs (the benchmark times them apart).
 """
 
 from __future__ import annotations
@@ -177,6 +178,47 @@ def buffer_length(longest_prompt: int, max_new_tokens: int) -> int:
   return -(-(longest_prompt + max_new_tokens) // _BUCKET) * _BUCKET
 
 
+def decode(
+  model: lm.Decoder,
+  tokens_BS: np.ndarray,
+  lengths_B: np.ndarray,
+  prefilled: tuple[Array, list] | None,
+  *,
+  max_new_tokens: int,
+  eos_id: int = 0,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  stops_ZM: np.ndarray | None = None,
+) -> tuple[Array, Array]:
+  """The jitted loop after prefill, from the shortest prompt's end: each row of tokens_BS
+  holds its prompt (lengths_B tokens) and room for the new ones; `prefilled` is prefill's
+  result over the tokens every row has (None: each step runs the model over the whole
+  sequences, the uncached reference). stops_ZM: stop sequences, right-aligned, -1 before.
+  Returns the filled buffer and each row's count of new tokens (on the device)."""
+  graphdef, params = nnx.split(model)
+  logits_BV, cache = (None, ()) if prefilled is None else prefilled
+  if stops_ZM is None:
+    stops_ZM = np.zeros((0, 0), np.int32)
+  sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+  return _decode_loop(
+    params,
+    tokens_BS,
+    lengths_B,
+    jnp.int32(lengths_B.min()),
+    logits_BV,
+    cache,
+    jnp.int32(max_new_tokens),
+    jnp.int32(eos_id),
+    stops_ZM,
+    sampling,
+    jax.random.key(seed),
+    graphdef=graphdef,
+    cached=prefilled is not None,
+  )
+
+
 def generate_tokens(
   model: lm.Decoder,
   prompts: Sequence[Sequence[int]],
@@ -209,24 +251,20 @@ def generate_tokens(
   for z, s in enumerate(stops):
     stops_ZM[z, stops_ZM.shape[1] - len(s) :] = s
   shared = int(lengths.min())
-  logits_BV, cache = prefill(model, tokens[:, :shared], total) if cached else (None, ())
-  graphdef, params = nnx.split(model)
-  sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+  prefilled = prefill(model, tokens[:, :shared], total) if cached else None
   out, count = jax.device_get(
-    _decode_loop(
-      params,
+    decode(
+      model,
       tokens,
       lengths,
-      jnp.int32(shared),
-      logits_BV,
-      cache,
-      jnp.int32(max_new_tokens),
-      jnp.int32(eos_id),
-      stops_ZM,
-      sampling,
-      jax.random.key(seed),
-      graphdef=graphdef,
-      cached=cached,
+      prefilled,
+      max_new_tokens=max_new_tokens,
+      eos_id=eos_id,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      seed=seed,
+      stops_ZM=stops_ZM,
     )
   )
   results = []
