@@ -247,15 +247,6 @@ def multihead_read(weights: list[Array], q_BTNH: Array) -> Array:
   return jax.vmap(jax.vmap(mlp_apply, in_axes=(0, 1), out_axes=1))(weights, q_BTNH)
 
 
-def causal_conv(x_BTNH: Array, kernel_WNH: Array) -> Array:
-  """Depthwise causal convolution over time: y_t = sum_j kernel[j] * x_{t-j}."""
-  width, length = kernel_WNH.shape[0], x_BTNH.shape[1]
-  padded = jnp.pad(x_BTNH, ((0, 0), (width - 1, 0), (0, 0), (0, 0)))
-  return sum(
-    kernel_WNH[j] * padded[:, width - 1 - j : width - 1 - j + length] for j in range(width)
-  )
-
-
 def l2_normalize(x: Array) -> Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
@@ -306,36 +297,50 @@ class NeuralMemory(nnx.Module):
     self.remat_chunks = spec.titans.remat_chunks
     self.dtype = jnp.dtype(spec.dtype)
 
-  def project(self, x_BTD: Array, name: str, tail_BWNH: Array | None = None) -> tuple[Array, Array]:
-    """SiLU(conv(x W_name)), q and k L2-normalised, float32 (B, T, N, H).
+  def project(
+    self, x_BTD: Array, names: str, tails: dict[str, Array] | None = None
+  ) -> tuple[dict[str, Array], dict[str, Array]]:
+    """SiLU(conv(x W_name)) for each name in `names` (of "qkv"), q and k L2-normalised,
+    float32 (B, T, N, H): one einsum and one conv for them all (a third of the ops to
+    compile that a projection each takes).
 
-    tail: the 3 pre-conv rows before x (a previous segment's), zeros if None.
-    Returns the result and the new tail (the last 3 pre-conv rows).
+    tails: per name the 3 pre-conv rows before x (a previous call's), zeros if None.
+    Returns the projections and the new tails (the last 3 pre-conv rows) by name.
     """
-    kernel = getattr(self, f"conv_{name}")[...].astype(self.dtype)
-    y_BTNH = jnp.einsum(
-      "btd,dnh->btnh", x_BTD.astype(self.dtype), getattr(self, f"w_{name}")[...].astype(self.dtype)
+    stacked = lambda prefix: jnp.stack(
+      [getattr(self, f"{prefix}_{n}")[...].astype(self.dtype) for n in names], axis=1
     )
-    width = kernel.shape[0] - 1
-    if tail_BWNH is None:
-      tail_BWNH = jnp.zeros((y_BTNH.shape[0], width, *y_BTNH.shape[2:]), y_BTNH.dtype)
-    full_BTNH = jnp.concatenate([tail_BWNH.astype(y_BTNH.dtype), y_BTNH], axis=1)
-    out_BTNH = jax.nn.silu(causal_conv(full_BTNH, kernel)[:, width:].astype(jnp.float32))
-    return (out_BTNH if name == "v" else l2_normalize(out_BTNH)), full_BTNH[:, -width:]
+    kernel_WKNH = stacked("conv")
+    y_BTKNH = jnp.einsum("btd,dknh->btknh", x_BTD.astype(self.dtype), stacked("w"))
+    width, length = kernel_WKNH.shape[0] - 1, x_BTD.shape[1]
+    if tails is None:
+      tail_BWKNH = jnp.zeros((y_BTKNH.shape[0], width, *y_BTKNH.shape[2:]), y_BTKNH.dtype)
+    else:
+      tail_BWKNH = jnp.stack([tails[n].astype(y_BTKNH.dtype) for n in names], axis=2)
+    full_BTKNH = jnp.concatenate([tail_BWKNH, y_BTKNH], axis=1)
+    conv_BTKNH = sum(
+      kernel_WKNH[j] * full_BTKNH[:, width - j : width - j + length] for j in range(width + 1)
+    )
+    out_BTKNH = jax.nn.silu(conv_BTKNH.astype(jnp.float32))
+    rows = {n: out_BTKNH[:, :, i] for i, n in enumerate(names)}
+    rows.update({n: l2_normalize(rows[n]) for n in names if n != "v"})
+    return rows, {n: full_BTKNH[:, -width:, i] for i, n in enumerate(names)}
 
   def gates(self, x_BTD: Array) -> tuple[Array, Array, Array]:
-    """eta, theta, alpha, float32 (B, T, N)."""
-    x = x_BTD.astype(self.dtype)
-
-    def gate(w, b):
-      logits = jnp.einsum("btd,dn->btn", x, w[...].astype(self.dtype)).astype(jnp.float32)
-      return jax.nn.sigmoid(logits + b[...])
-
-    return (
-      gate(self.w_eta, self.b_eta),
-      self.max_inner_lr * gate(self.w_theta, self.b_theta),
-      gate(self.w_alpha, self.b_alpha),
+    """eta, theta, alpha, float32 (B, T, N): one einsum for the three."""
+    names = ("eta", "theta", "alpha")
+    w_DKN = jnp.stack([getattr(self, f"w_{n}")[...].astype(self.dtype) for n in names], axis=1)
+    b_KN = jnp.stack([getattr(self, f"b_{n}")[...] for n in names])
+    logits_BTKN = jnp.einsum("btd,dkn->btkn", x_BTD.astype(self.dtype), w_DKN)
+    eta_BTN, theta_BTN, alpha_BTN = jnp.moveaxis(
+      jax.nn.sigmoid(logits_BTKN.astype(jnp.float32) + b_KN), 2, 0
     )
+    return eta_BTN, self.max_inner_lr * theta_BTN, alpha_BTN
+
+  def rows(self, x_BTD: Array, tails: dict[str, Array] | None = None) -> tuple[tuple, dict]:
+    """The memory's (q, k, v, eta, theta, alpha) rows of x, and the new conv tails."""
+    projected, tails = self.project(x_BTD, "qkv", tails)
+    return tuple(projected[n] for n in "qkv") + self.gates(x_BTD), tails
 
   @property
   def scan_options(self) -> dict:
@@ -359,10 +364,9 @@ class NeuralMemory(nnx.Module):
     tails: the conv tails per name q, k, v (a previous call's, or zeros).
     Returns (state, tails, reads (B, T, N, H)).
     """
-    projected = {n: self.project(x_BTD, n, tails[n]) for n in "qkv"}
-    chunk = tuple(projected[n][0] for n in "qkv") + self.gates(x_BTD)
-    state, y_BTNH = multihead_memory_scan(state, *chunk, **self.scan_options)
-    return state, {n: projected[n][1] for n in "qkv"}, y_BTNH
+    rows, tails = self.rows(x_BTD, tails)
+    state, y_BTNH = multihead_memory_scan(state, *rows, **self.scan_options)
+    return state, tails, y_BTNH
 
   def output(self, y_BTNH: Array, x_BTD: Array) -> Array:
     """w_o(norm(y) * SiLU(x W_gate)): reads back to the model width, gated by their input x."""
@@ -381,11 +385,9 @@ class NeuralMemory(nnx.Module):
     tails = {name: jnp.zeros((batch, CONV_WIDTH - 1, heads, dim), self.dtype) for name in "qkv"}
     if prefix_BPD is not None:
       pad = -prefix_BPD.shape[1] % self.chunk_size
-      projected = {name: self.project(prefix_BPD, name) for name in "qkv"}
-      rows = tuple(projected[name][0] for name in "qkv") + self.gates(prefix_BPD)
+      rows, tails = self.rows(prefix_BPD)
       padded = [pad_time(a, pad) for a in rows]
       state, _ = multihead_memory_scan(state, *padded, **self.scan_options)
-      tails = {name: projected[name][1] for name in "qkv"}
     rows_BCNH = jnp.zeros((batch, self.chunk_size, heads, dim), jnp.float32)
     buffer = (rows_BCNH,) * 3 + (rows_BCNH[..., 0],) * 3
     return dict(state=state, tails=tails, buffer=buffer, n=jnp.zeros((), jnp.int32))
@@ -401,8 +403,7 @@ class NeuralMemory(nnx.Module):
     lower-triangular). The rows of the last partial chunk are the next buffer. A call costs
     ceil((T + C - 1) / C) chunk closed forms, one for a single token.
     """
-    projected = {name: self.project(x_BTD, name, cache["tails"][name]) for name in "qkv"}
-    rows = tuple(projected[name][0] for name in "qkv") + self.gates(x_BTD)
+    rows, tails = self.rows(x_BTD, cache["tails"])
     size, length, n = self.chunk_size, x_BTD.shape[1], cache["n"]
     span = size * -(-(length + size - 1) // size)  # whole chunks that hold n + T rows, any n
     layout = tuple(
@@ -416,7 +417,6 @@ class NeuralMemory(nnx.Module):
     )
     # The last partial chunk's rows (clamped into the layout when none: then any rows do).
     buffer = tuple(jax.lax.dynamic_slice_in_dim(a, end // size * size, size, 1) for a in layout)
-    tails = {name: projected[name][1] for name in "qkv"}
     cache = dict(state=state, tails=tails, buffer=buffer, n=end % size)
     return self.output(jax.lax.dynamic_slice_in_dim(y_BLNH, n, length, 1), x_BTD), cache
 
@@ -430,9 +430,7 @@ class NeuralMemory(nnx.Module):
     """
     batch, length = x_BSD.shape[:2]
     before, after = -prefix % self.chunk_size, -(length - prefix) % self.chunk_size
-    q_BSNH, k_BSNH, v_BSNH = (self.project(x_BSD, n)[0] for n in "qkv")
-    eta_BSN, theta_BSN, alpha_BSN = self.gates(x_BSD)
-    rows = (q_BSNH, k_BSNH, v_BSNH, eta_BSN, theta_BSN, alpha_BSN)
+    rows, _ = self.rows(x_BSD)
     padded = [pad_time(a, before, after) for a in rows]
     _, y_BSNH = multihead_memory_scan(self.initial_state(batch), *padded, **self.scan_options)
     return self.output(y_BSNH[:, before : before + length], x_BSD)
@@ -605,7 +603,8 @@ class Titans(nnx.Module):
     size, (batch, length, _), i = mem.chunk_size, x_BTD.shape, cache["i"]
     n = i % size
     span = size * -(-(length + size - 1) // size)
-    q_BTNH, q_tail = mem.project(x_BTD, "q", cache["q_tail"])
+    projected, tails = mem.project(x_BTD, "q", dict(q=cache["q_tail"]))
+    q_BTNH, q_tail = projected["q"], tails["q"]
 
     def by_chunk(a_BT):  # the new rows at n of `span`, then (chunks, B, C, ...)
       zeros = jnp.zeros((batch, span, *a_BT.shape[2:]), a_BT.dtype)
@@ -677,7 +676,7 @@ class Titans(nnx.Module):
     x_BTD = pad_time(x_BTD, 0, pad)
     positions_BT = jnp.pad(positions_BT, ((0, 0), (0, pad)), mode="edge")
     batch, padded_length, dim = x_BTD.shape
-    q_BTNH, _ = mem.project(x_BTD, "q")
+    q_BTNH = mem.project(x_BTD, "q")[0]["q"]
     causal = jnp.tril(jnp.ones((size, size), bool))
     mask_CS = jnp.concatenate([jnp.ones((size, prefix), bool), causal, causal], axis=1)
 
