@@ -82,8 +82,8 @@ def _prefill_piece(params, tokens_BP, start, cache, *, graphdef, length):
   if cache is None:
     cache = model.init_cache(tokens_BP.shape[0], length)
   positions_BP = start + jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
-  logits_BPV, cache = model.decode(tokens_BP, positions_BP, cache)
-  return logits_BPV[:, -1], cache
+  h_BPD, cache = model.decode_trunk(tokens_BP, positions_BP, cache)
+  return model.unembed(h_BPD[:, -1:])[:, 0], cache
 
 
 def prefill_pieces(length: int) -> list[int]:

@@ -298,15 +298,21 @@ class Decoder(nnx.Module):
     self, tokens_BT: Array, positions_BT: Array, cache: list[dict[str, Any]]
   ) -> tuple[Array, list[dict[str, Any]]]:
     """Logits of the next T tokens of sequences whose earlier tokens are in `cache` (prefill,
-    then one token a step): equal to __call__ on the whole sequences at these positions.
-    Blocks run one by one (each layer has its own cache): the per-layer layout only."""
+    then one token a step): equal to __call__ on the whole sequences at these positions."""
+    h_BTD, cache = self.decode_trunk(tokens_BT, positions_BT, cache)
+    return self.unembed(h_BTD), cache
+
+  def decode_trunk(
+    self, tokens_BT: Array, positions_BT: Array, cache: list[dict[str, Any]]
+  ) -> tuple[Array, list[dict[str, Any]]]:
+    """decode up to the head's input (a prefill unembeds its last token only). Blocks run
+    one by one (each layer has its own cache): the per-layer layout only."""
     stream_BTD, new = self.embed_tokens(tokens_BT), []
     for block, width, block_cache in zip(self.blocks, self.residual_widths, cache):
       x_BTD, block_cache = block.decode(read_width(stream_BTD, width), positions_BT, block_cache)
       stream_BTD = write_width(stream_BTD, x_BTD)
       new.append(block_cache)
-    last = read_width(stream_BTD, self.residual_widths[-1])
-    return self.unembed(self.final_norm(last)), new
+    return self.final_norm(read_width(stream_BTD, self.residual_widths[-1])), new
 
   def unembed(self, h_BTD: Array) -> Array:
     w_DV = self.embed[...].T if self.head is None else self.head[...]
