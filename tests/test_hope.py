@@ -176,9 +176,10 @@ def test_a_level_at_lr_0_equals_the_level_without_a_trust_region():
 
 
 def test_rematerialised_training_equals_the_plain_scan():
-  """The tiny config's CMS with groups of 2 chunks under jax.checkpoint: the same loss and
-  gradients (every parameter and the input). 60 tokens: 7 chunks of 8 (3 groups and a
-  remainder of 1) and a partial chunk, 3 chunks of 16 (a group, a remainder) and a partial."""
+  """The tiny config's CMS with groups of 4 chunks under jax.checkpoint: the same loss and
+  gradients (every parameter and the input). 60 tokens: 7 chunks of 8 (a group and a
+  remainder of 3) and a partial chunk; 3 chunks of 16 (one group, shorter than 4) and a
+  partial chunk."""
   spec = config_lib.model_spec(helpers.load_config("tlm_hope_attention", "tiny"))
   x_BTD = jax.random.normal(jax.random.key(1), (2, 60, spec.d_model))
   target_BTD = jax.random.normal(jax.random.key(2), x_BTD.shape)
@@ -190,7 +191,7 @@ def test_rematerialised_training_equals_the_plain_scan():
     loss = lambda p, x: jnp.mean((nnx.merge(graphdef, p)(x) - target_BTD) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x_BTD)
 
-  (loss, grads), (plain_loss, plain_grads) = loss_and_grads(2), loss_and_grads(0)
+  (loss, grads), (plain_loss, plain_grads) = loss_and_grads(4), loss_and_grads(0)
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
   leaves, plain_leaves = jax.tree.leaves(grads), jax.tree.leaves(plain_grads)
   assert len(leaves) == len(plain_leaves) == 3 * 3 + 2 + 1  # 3 levels, 2 value maps, x

@@ -35,6 +35,21 @@ Precision: the levels compute in `model.dtype` like the rest of the model;
 the in-context weights are carried in float32 between chunks (small updates
 would vanish in bfloat16), and the error terms are formed in float32.
 
+Memory: the backward pass needs the weights every chunk used, a float32 copy
+of the level per chunk per sequence (chunk 16 at 1024 tokens: 64 copies, with
+each chunk's inner-step intermediates). With `model.hope.remat_chunks` = G > 0
+a level scans over groups of G chunks, each group under jax.checkpoint
+(`scan_chunks`): the forward pass keeps only the weights at group boundaries,
+and the backward pass recomputes a group's chunks from its boundary, one group
+at a time, for one more forward pass of the in-context levels. Training never
+keeps per-chunk weights (`weights_per_chunk` gives them to tests and analyses).
+
+Decoding continues a sequence by T tokens in whole chunks through the same
+closed form (`level_decode`): a level's buffered tokens of its unfinished
+chunk and the T new ones are laid out together, every chunk they complete
+takes its step, and the rest stays buffered; so a prompt of T tokens costs
+about T / C_k chunk steps, not T token steps, from any position.
+
 The taper sets the total width of the layer's CMS; `costs.level_widths`
 splits it over the levels: each in-context level gets its width fraction
 rounded to `model.hope.level_tile`, the slow level the rest. So widths keep
@@ -115,9 +130,10 @@ def scan_chunks(
   """N whole chunks through a level: the weights after the last, and the outputs (N, C, D).
 
   remat_chunks=G > 0 scans over groups of G chunks, each group under jax.checkpoint: the
-  backward pass keeps the float32 weights only at the N/G group boundaries and recomputes a
-  group's chunks (and their inner steps) from its boundary, so it holds about N/G + G copies
-  of the weights instead of N (the remainder of N mod G chunks is one more group).
+  forward pass keeps the float32 weights only at the ceil(N / G) group boundaries, and the
+  backward pass recomputes one group's chunks (and their inner steps) at a time from its
+  boundary, so it holds about N / G + G chunks' weights and intermediates instead of N.
+  The last N mod G chunks are one more group; G >= N: one group.
   """
 
   def chunk(weights, u_v):
@@ -126,17 +142,18 @@ def scan_chunks(
 
   run = lambda weights, chunks: jax.lax.scan(chunk, weights, chunks, unroll=unroll)
   count = u_NCD.shape[0]
-  if not remat_chunks or remat_chunks >= count:
+  if not remat_chunks or not count:
     return run(weights, (u_NCD, v_NCD))
   group = jax.checkpoint(run)
-  whole = count // remat_chunks * remat_chunks
-  grouped = lambda a: a[:whole].reshape(-1, remat_chunks, *a.shape[1:])
-  weights, y_GKCD = jax.lax.scan(group, weights, (grouped(u_NCD), grouped(v_NCD)), unroll=unroll)
-  y_NCD = y_GKCD.reshape(whole, *u_NCD.shape[1:])
+  whole, ys = count // remat_chunks * remat_chunks, []
+  if whole:
+    grouped = lambda a: a[:whole].reshape(-1, remat_chunks, *a.shape[1:])
+    weights, y_GKCD = jax.lax.scan(group, weights, (grouped(u_NCD), grouped(v_NCD)), unroll=unroll)
+    ys.append(y_GKCD.reshape(whole, *u_NCD.shape[1:]))
   if whole < count:
     weights, y_rest = group(weights, (u_NCD[whole:], v_NCD[whole:]))
-    y_NCD = jnp.concatenate([y_NCD, y_rest])
-  return weights, y_NCD
+    ys.append(y_rest)
+  return weights, jnp.concatenate(ys)
 
 
 def in_context_level(
