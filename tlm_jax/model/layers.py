@@ -6,6 +6,7 @@ module maps those names to mesh axes with one rules table.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,12 +22,29 @@ Array = jax.Array
 def param(
   rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype: Any
 ) -> nnx.Param:
-  """A normal(0, std) weight (std 0 gives zeros) tagged with logical axis names."""
+  """A normal(0, std) weight (std 0 gives zeros) tagged with logical axis names.
+
+  Drawn as the first prod(shape) values of a flat draw whose length is the next power of
+  two, which gives the same values as a draw of `shape` (threefry draws each element from
+  its flat index alone), so built outside jit (state.setup's init) params of nearby sizes
+  share one compiled generator: a generator compiled per param was most of the init's
+  compile time.
+  """
   if std == 0:
-    value = jnp.zeros(shape, dtype)
-  else:
-    value = std * jax.random.normal(rngs.params(), shape, dtype)
-  return nnx.Param(value, logical_axes=axes)
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+  size = math.prod(shape)
+  flat = _scaled_normal(rngs.params(), jnp.asarray(std, dtype), 1 << (size - 1).bit_length())
+  return nnx.Param(_first(flat, shape), logical_axes=axes)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _scaled_normal(key: Array, std: Array, size: int) -> Array:
+  return std * jax.random.normal(key, (size,), std.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first(flat: Array, shape: tuple[int, ...]) -> Array:
+  return flat[: math.prod(shape)].reshape(shape)
 
 
 def output_std(spec: ModelSpec) -> float:
