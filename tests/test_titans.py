@@ -350,10 +350,11 @@ def test_rematerialised_scan_gives_the_plain_loss_and_gradients(
 # Decoding in pieces of any length, from any position, equals __call__.
 # ---------------------------------------------------------------------------
 
-# Chunks of 4, segments of 8: pieces of 1, C - 1, C + 1, S + 3, C and 1 that start at a
-# segment's start (0, 24), at a chunk's start inside a segment (4, 20) and between (1, 9), and
-# end at a segment's end, a chunk's end or between.
-PIECES = (1, 3, 5, 11, 4, 1)
+# Chunks of 4, segments of 8: pieces of 1, C - 1, C, C + 1, 2, S + 3 and 2 tokens that start
+# at a segment's start (0, 8), at a chunk's start inside a segment (4) and between (1, 13, 15,
+# 26), and end at a segment's end (8), a chunk's end (4, 28) or between; the piece from 13
+# ends inside a segment's last chunk, so the window after it starts the next segment unused.
+PIECES = (1, 3, 4, 5, 2, 11, 2)
 
 
 @pytest.mark.parametrize("variant, persistent_tokens", [("mag", 0), ("mal", 2), ("mac", 3)])

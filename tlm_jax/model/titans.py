@@ -298,14 +298,19 @@ class NeuralMemory(nnx.Module):
     self.dtype = jnp.dtype(spec.dtype)
 
   def project(
-    self, x_BTD: Array, names: str, tails: dict[str, Array] | None = None
+    self,
+    x_BTD: Array,
+    names: str,
+    tails: dict[str, Array] | None = None,
+    count: Array | None = None,
   ) -> tuple[dict[str, Array], dict[str, Array]]:
     """SiLU(conv(x W_name)) for each name in `names` (of "qkv"), q and k L2-normalised,
     float32 (B, T, N, H): one einsum and one conv for them all (a third of the ops to
     compile that a projection each takes).
 
     tails: per name the 3 pre-conv rows before x (a previous call's), zeros if None.
-    Returns the projections and the new tails (the last 3 pre-conv rows) by name.
+    Returns the projections and the new tails by name: the 3 pre-conv rows before row
+    `count` of x (None: the last 3).
     """
     stacked = lambda prefix: jnp.stack(
       [getattr(self, f"{prefix}_{n}")[...].astype(self.dtype) for n in names], axis=1
@@ -324,7 +329,10 @@ class NeuralMemory(nnx.Module):
     out_BTKNH = jax.nn.silu(conv_BTKNH.astype(jnp.float32))
     rows = {n: out_BTKNH[:, :, i] for i, n in enumerate(names)}
     rows.update({n: l2_normalize(rows[n]) for n in names if n != "v"})
-    return rows, {n: full_BTKNH[:, -width:, i] for i, n in enumerate(names)}
+    tail_BWKNH = jax.lax.dynamic_slice_in_dim(
+      full_BTKNH, length if count is None else count, width, 1
+    )
+    return rows, {n: tail_BWKNH[:, :, i] for i, n in enumerate(names)}
 
   def gates(self, x_BTD: Array) -> tuple[Array, Array, Array]:
     """eta, theta, alpha, float32 (B, T, N): one einsum for the three."""
@@ -337,9 +345,12 @@ class NeuralMemory(nnx.Module):
     )
     return eta_BTN, self.max_inner_lr * theta_BTN, alpha_BTN
 
-  def rows(self, x_BTD: Array, tails: dict[str, Array] | None = None) -> tuple[tuple, dict]:
-    """The memory's (q, k, v, eta, theta, alpha) rows of x, and the new conv tails."""
-    projected, tails = self.project(x_BTD, "qkv", tails)
+  def rows(
+    self, x_BTD: Array, tails: dict[str, Array] | None = None, count: Array | None = None
+  ) -> tuple[tuple, dict]:
+    """The memory's (q, k, v, eta, theta, alpha) rows of x, and the new conv tails (see
+    project)."""
+    projected, tails = self.project(x_BTD, "qkv", tails, count)
     return tuple(projected[n] for n in "qkv") + self.gates(x_BTD), tails
 
   @property
@@ -392,9 +403,10 @@ class NeuralMemory(nnx.Module):
     buffer = (rows_BCNH,) * 3 + (rows_BCNH[..., 0],) * 3
     return dict(state=state, tails=tails, buffer=buffer, n=jnp.zeros((), jnp.int32))
 
-  def decode(self, x_BTD: Array, cache: dict) -> tuple[Array, dict]:
+  def decode(self, x_BTD: Array, cache: dict, count: Array | None = None) -> tuple[Array, dict]:
     """__call__'s outputs for the next T tokens of the sequence, through the chunk closed
-    forms training uses.
+    forms training uses. count: only the first `count` of the T rows are tokens (traced; the
+    outputs at the others are not defined and they leave the cache as it is).
 
     The current chunk's n buffered rows and the T new rows are laid out from the chunk's
     start in whole chunks (n + T rows and the rest filled with stale or zero rows, all
@@ -403,14 +415,15 @@ class NeuralMemory(nnx.Module):
     lower-triangular). The rows of the last partial chunk are the next buffer. A call costs
     ceil((T + C - 1) / C) chunk closed forms, one for a single token.
     """
-    rows, tails = self.rows(x_BTD, cache["tails"])
     size, length, n = self.chunk_size, x_BTD.shape[1], cache["n"]
+    count = length if count is None else count
+    rows, tails = self.rows(x_BTD, cache["tails"], count)
     span = size * -(-(length + size - 1) // size)  # whole chunks that hold n + T rows, any n
     layout = tuple(
       jax.lax.dynamic_update_slice_in_dim(pad_time(b, 0, span - size), r, n, axis=1)
       for b, r in zip(cache["buffer"], rows)
     )
-    end = n + length
+    end = n + count
     full_K = (jnp.arange(span // size) + 1) * size <= end
     state, y_BLNH = multihead_memory_scan(
       cache["state"], *layout, size, max_grad_norm=self.max_grad_norm, keep_K=full_K
@@ -575,9 +588,7 @@ class Titans(nnx.Module):
 
   def init_context_cache(self, batch: int) -> dict:
     """mac: the q conv tail of x, the memory weights at the segment's start, the segment's h
-    and x rows so far (`i` of them), and the memory that steps over y as it was at the start
-    of the current chunk (its state and y's conv tails): the chunk's y rows are recomputed
-    from the h and x rows."""
+    and x rows so far (`i` of them), and the cache of the memory that steps over y."""
     mem = self.memory
     memory = mem.init_cache(batch)
     rows_BSD = jnp.zeros((batch, self.segment_size, self.attention.w_q.shape[0]), mem.dtype)
@@ -587,85 +598,74 @@ class Titans(nnx.Module):
       h_BSD=rows_BSD,
       x_BSD=rows_BSD,
       i=jnp.zeros((), jnp.int32),
-      memory=dict(state=memory["state"], tails=memory["tails"]),
+      memory=memory,
     )
 
   def decode_as_context(self, x_BTD: Array, positions_BT: Array, cache: dict) -> tuple[Array, dict]:
-    """memory_as_context for the next T tokens, a memory chunk at a time (chunks never cross
-    a segment's end): the current chunk's rows so far and the new rows are laid out from the
-    chunk's start in whole chunks, as NeuralMemory.decode lays them out. Per chunk: h of its
-    new rows from the weights at its segment's start, attention of its C rows over
-    [p | h | x] of the segment up to each row (the rows buffered before, recomputed, give
-    what they gave), and one memory chunk over their y; the memory's state and tails are
-    kept after full chunks, the segment's rows and start weights after every chunk that
-    holds a new row. A call costs ceil((T + C - 1) / C) chunks."""
+    """memory_as_context for the next T tokens, in pieces that end where memory chunks end
+    (so never across a segment's end): each piece's tokens read h from the weights at their
+    segment's start, attend over [p | h | x] of the segment up to themselves, and the memory
+    decodes their y (NeuralMemory.decode). The pieces are windows of min(T, C) tokens, the
+    tokens past a piece's end masked out: a prompt costs about what __call__ costs, a single
+    token one query and one memory chunk."""
     mem, segment, prefix = self.memory, self.segment_size, self.prefix_length
-    size, (batch, length, _), i = mem.chunk_size, x_BTD.shape, cache["i"]
-    n = i % size
-    span = size * -(-(length + size - 1) // size)
-    projected, tails = mem.project(x_BTD, "q", dict(q=cache["q_tail"]))
-    q_BTNH, q_tail = projected["q"], tails["q"]
-
-    def by_chunk(a_BT):  # the new rows at n of `span`, then (chunks, B, C, ...)
-      zeros = jnp.zeros((batch, span, *a_BT.shape[2:]), a_BT.dtype)
-      a_BL = jax.lax.dynamic_update_slice_in_dim(zeros, a_BT, n, axis=1)
-      return jnp.moveaxis(a_BL.reshape(batch, span // size, size, *a_BT.shape[2:]), 1, 0)
-
-    rows_L = jnp.arange(span)
-    new_KC = ((rows_L >= n) & (rows_L < n + length)).reshape(-1, size)
-    first_K = i - n + size * jnp.arange(span // size)  # each chunk's first row, from i's segment
+    size, length, i = mem.chunk_size, x_BTD.shape[1], cache["i"]
+    n, window = i % size, min(length, size)
+    pieces = -(-(length + size - 1) // size)
+    projected, q_tails = mem.project(x_BTD, "q", dict(q=cache["q_tail"]))
+    padding = (pieces - 1) * size + window - length  # no window runs past the end
+    x_BLD, q_BLNH = pad_time(x_BTD, 0, padding), pad_time(projected["q"], 0, padding)
+    starts_K = jnp.maximum(0, size * jnp.arange(pieces) - n)  # each piece's first token
+    counts_K = jnp.clip(jnp.minimum(length, size * jnp.arange(1, pieces + 1) - n) - starts_K, 0)
     segment_start_B1 = positions_BT[:, :1] - i  # position of the current segment's first row
-    keys_S = jnp.arange(segment)
+    keys_S, rows_W = jnp.arange(segment), jnp.arange(window)
     keep = lambda flag, new, old: jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
-    def chunk(carry, inputs):
+    def piece(carry, start_count):
       start_weights, h_BSD, x_BSD, memory = carry
-      x_BCD, q_BCNH, new_C, first = inputs
-      row = first % segment  # the chunk's first row in its segment
+      start, count = start_count
+      x_BWD = jax.lax.dynamic_slice_in_dim(x_BLD, start, window, 1)
+      q_BWNH = jax.lax.dynamic_slice_in_dim(q_BLNH, start, window, 1)
+      first = i + start  # the piece's first token, counted from the current segment's start
+      row = first % segment  # ... in its own segment
       weights = keep(row == 0, memory["state"][0], start_weights)
-      h_BCD = mem.output(multihead_read(weights, q_BCNH), x_BCD)
-      write = lambda rows_BSD, new_BCD: jax.lax.dynamic_update_slice_in_dim(
-        rows_BSD,
-        jnp.where(
-          new_C[:, None], new_BCD, jax.lax.dynamic_slice_in_dim(rows_BSD, row, size, 1)
-        ).astype(rows_BSD.dtype),
-        row,
-        axis=1,
-      )
-      h_new, x_new = write(h_BSD, h_BCD), write(x_BSD, x_BCD)
-      x_BCD = jax.lax.dynamic_slice_in_dim(x_new, row, size, 1)
+      h_BWD = mem.output(multihead_read(weights, q_BWNH), x_BWD)
+      new_W1 = (rows_W < count)[:, None]
+
+      def write(rows_BSD, new_BWD):  # the piece's tokens into the segment's rows
+        rows_BPD = pad_time(rows_BSD, 0, window)
+        old_BWD = jax.lax.dynamic_slice_in_dim(rows_BPD, row, window, 1)
+        new_BWD = jnp.where(new_W1, new_BWD, old_BWD).astype(rows_BSD.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(rows_BPD, new_BWD, row, 1)[:, :segment]
+
+      h_BSD, x_BSD = write(h_BSD, h_BWD), write(x_BSD, x_BWD)
       positions_BS = segment_start_B1 + first - row + keys_S
       context_BSD, context_pos_BS = self.with_prefix(
-        jnp.concatenate([h_new, x_new], 1), jnp.concatenate([positions_BS, positions_BS], 1)
+        jnp.concatenate([h_BSD, x_BSD], 1), jnp.concatenate([positions_BS, positions_BS], 1)
       )
-      seen_CS = keys_S <= row + jnp.arange(size)[:, None]
-      mask_CS = jnp.concatenate([jnp.ones((size, prefix), bool), seen_CS, seen_CS], axis=1)
-      positions_BC = jax.lax.dynamic_slice_in_dim(positions_BS, row, size, 1)
-      y_BCD = self.attend(x_BCD, context_BSD, positions_BC, context_pos_BS, mask_CS)
-      state, tails, read_BCNH = mem.scan(memory["state"], y_BCD, memory["tails"])
-      out_BCD = self.combine(y_BCD, mem.output(read_BCNH, y_BCD), x_BCD)
-      started, full = jnp.any(new_C), new_C[-1]  # holds a new row; its last row is new
-      carry = (
-        keep(started, weights, start_weights),
-        keep(started, h_new, h_BSD),
-        keep(started, x_new, x_BSD),
-        keep(full, dict(state=state, tails=tails), memory),
-      )
-      return carry, out_BCD
+      seen_WS = keys_S <= row + rows_W[:, None]
+      mask_WS = jnp.concatenate([jnp.ones((window, prefix), bool), seen_WS, seen_WS], axis=1)
+      positions_BW = segment_start_B1 + first + rows_W
+      y_BWD = self.attend(x_BWD, context_BSD, positions_BW, context_pos_BS, mask_WS)
+      m_BWD, memory = mem.decode(y_BWD, memory, count)
+      out_BWD = self.combine(y_BWD, m_BWD, x_BWD)
+      return (keep(count > 0, weights, start_weights), h_BSD, x_BSD, memory), out_BWD
 
     carry = (cache["start_weights"], cache["h_BSD"], cache["x_BSD"], cache["memory"])
-    inputs = (by_chunk(x_BTD), by_chunk(q_BTNH), new_KC, first_K)
-    (start_weights, h_BSD, x_BSD, memory), out_KBCD = jax.lax.scan(chunk, carry, inputs)
-    out_BLD = jnp.moveaxis(out_KBCD, 0, 1).reshape(batch, span, -1)
+    carry, out_KBWD = jax.lax.scan(piece, carry, (starts_K, counts_K))
+    start_weights, h_BSD, x_BSD, memory = carry
+    tokens_T = jnp.arange(length)
+    piece_T = (tokens_T + n) // size
+    out_TBD = out_KBWD[piece_T, :, tokens_T - starts_K[piece_T]]
     cache = dict(
-      q_tail=q_tail,
+      q_tail=q_tails["q"],
       start_weights=start_weights,
       h_BSD=h_BSD,
       x_BSD=x_BSD,
       i=(i + length) % segment,
       memory=memory,
     )
-    return jax.lax.dynamic_slice_in_dim(out_BLD, n, length, 1), cache
+    return jnp.moveaxis(out_TBD, 0, 1), cache
 
   def memory_as_context(self, x_BTD: Array, positions_BT: Array) -> Array:
     """Any length: the last segment is filled with zero tokens, which only later tokens of
