@@ -57,8 +57,8 @@ def xla_flops_per_token(config: ml_collections.ConfigDict, compiled: bool = True
   """FLOPs per token of the train step as XLA's cost analysis counts them.
 
   For one device with the layers unrolled, no gradient accumulation and the
-  Titans / Hope chunk scans unrolled: XLA counts a loop body once, whatever its
-  trip count. XLA counts every op (norms, softmax, the optimizer update), and
+  Titans / Hope chunk scans unrolled and not rematerialised: XLA counts a loop
+  body once, whatever its trip count, and counts a recompute again. XLA counts every op (norms, softmax, the optimizer update), and
   the full square of causal attention, which costs.flops_per_token does not
   (its masked_attention_flops); a check of the accounting, not an MFU.
   compiled=False counts the lowered program before XLA's passes: within ~1.5%
@@ -70,6 +70,7 @@ def xla_flops_per_token(config: ml_collections.ConfigDict, compiled: bool = True
   config.train.grad_accum = 1
   config.model.layers_mode = "unrolled"
   config.model.titans.unroll = config.model.hope.unroll = True
+  config.model.titans.remat_chunks = config.model.hope.remat_chunks = 0  # no recompute
   setup = state.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   tcfg = config.train
   shape = (tcfg.batch_size, tcfg.seq_len)
