@@ -58,9 +58,10 @@ def xla_flops_per_token(config: ml_collections.ConfigDict, compiled: bool = True
 
   For one device with the layers unrolled, no gradient accumulation and the
   Titans / Hope chunk scans unrolled and not rematerialised: XLA counts a loop
-  body once, whatever its trip count, and counts a recompute again. XLA counts every op (norms, softmax, the optimizer update), and
-  the full square of causal attention, which costs.flops_per_token does not
-  (its masked_attention_flops); a check of the accounting, not an MFU.
+  body once, whatever its trip count, and counts a recompute again. XLA counts
+  every op (norms, softmax, the optimizer update), and the full square of
+  causal attention, which costs.flops_per_token does not (its
+  masked_attention_flops); a check of the accounting, not an MFU.
   compiled=False counts the lowered program before XLA's passes: within ~1.5%
   of the compiled count on the tiny configs, without the compile (seconds, not
   a minute, on a CPU).
