@@ -284,9 +284,8 @@ def random_mixer(persistent_tokens=2, **titans_fields):
   scales around 1, so that every part shows; and its graphdef, params."""
   cfg = helpers.load_config("tlm_titans", "tiny")
   cfg.model.update(persistent_tokens=persistent_tokens, attention_window=4)
-  cfg.model.titans.update(
-    dict(chunk_size=4, segment_size=8, max_inner_lr=0.5, max_grad_norm=0.2), **titans_fields
-  )
+  plain = dict(chunk_size=4, segment_size=8, max_inner_lr=0.5, max_grad_norm=0.2, remat_chunks=0)
+  cfg.model.titans.update(plain, **titans_fields)
   spec = config_lib.model_spec(cfg)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: titans.Titans(spec, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
@@ -408,7 +407,8 @@ def test_analytic_flops_match_xla_and_the_taper_keeps_them(variant):
   the inner loop's decays, AdamW) and the masked-out scores, together ~8% at this width."""
   cfg = helpers.load_config("tlm_titans", "tiny")
   cfg.model.update(layers_mode="unrolled", num_layers=2)  # two widths: 384 and 128
-  cfg.model.titans.update(variant=variant, unroll=True, segment_size=32)  # chunk_size 16
+  # chunk_size 16; no remat: XLA would count the backward pass's recompute again
+  cfg.model.titans.update(variant=variant, unroll=True, segment_size=32, remat_chunks=0)
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   cfg.train.update(batch_size=16, seq_len=32)
   spec = config_lib.model_spec(cfg)
