@@ -443,10 +443,12 @@ class NeuralMemory(nnx.Module):
     """
     batch, length = x_BSD.shape[:2]
     before, after = -prefix % self.chunk_size, -(length - prefix) % self.chunk_size
-    rows, _ = self.rows(x_BSD)
-    padded = [pad_time(a, before, after) for a in rows]
+    rows, output = (lambda x: self.rows(x)[0]), self.output
+    if self.remat_chunks:  # the backward pass recomputes them from x and the reads
+      rows, output = jax.checkpoint(rows), jax.checkpoint(output)
+    padded = [pad_time(a, before, after) for a in rows(x_BSD)]
     _, y_BSNH = multihead_memory_scan(self.initial_state(batch), *padded, **self.scan_options)
-    return self.output(y_BSNH[:, before : before + length], x_BSD)
+    return output(y_BSNH[:, before : before + length], x_BSD)
 
 
 class Titans(nnx.Module):
@@ -516,7 +518,8 @@ class Titans(nnx.Module):
       m_BSD = self.memory(x_BSD, prefix)
       return self.attend(m_BSD[:, prefix:], m_BSD, positions_BT, positions_BS, mask_TS)
     y_BTD = self.attend(x_BTD, x_BSD, positions_BT, positions_BS, mask_TS)
-    return self.combine(y_BTD, self.memory(x_BSD, prefix)[:, prefix:], x_BTD)
+    combine = jax.checkpoint(self.combine) if self.memory.remat_chunks else self.combine
+    return combine(y_BTD, self.memory(x_BSD, prefix)[:, prefix:], x_BTD)
 
   @property
   def prefix_length(self) -> int:
