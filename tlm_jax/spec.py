@@ -136,9 +136,11 @@ class TitansSpec:
     the cap and forgetting the memory stays bounded. Unpublished (a departure).
   remat_chunks: chunks per rematerialised group of the memory scan: the backward
     pass keeps the memory state only at group boundaries and recomputes inside a
-    group (0: keep every chunk's state). 4 by measurement (BENCHMARKS.md): the
-    2-layer 124m step at batch 32 x 1024 on v5p:2x2x1 peaks at 4.41 GiB per chip
-    (0: 9.62, 2: 4.57, 8: 5.04, 16: 6.27; Transformer 3.24).
+    group, and the memory's input rows, output and MAG's gate are recomputed
+    too (0: keep every chunk's state and those). 4 by measurement
+    (BENCHMARKS.md): the 2-layer 124m step at batch 32 x 1024 on v5p:2x2x1
+    peaks at 4.41 GiB per chip (0: 9.62, 2: 4.57, 8: 5.04, 16: 6.27;
+    Transformer 3.24); 12 layers: 15.84, 1.40x the Transformer's 11.28.
   """
 
   variant: str = "mag"  # mag (memory as a gate) | mal (memory as a layer) | mac (context)
