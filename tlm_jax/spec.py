@@ -137,10 +137,9 @@ class TitansSpec:
   remat_chunks: chunks per rematerialised group of the memory scan: the backward
     pass keeps the memory state only at group boundaries and recomputes inside a
     group, and the memory's input rows, output and MAG's gate are recomputed
-    too (0: keep every chunk's state and those). 4 by measurement
-    (BENCHMARKS.md): the 2-layer 124m step at batch 32 x 1024 on v5p:2x2x1
-    peaks at 4.41 GiB per chip (0: 9.62, 2: 4.57, 8: 5.04, 16: 6.27;
-    Transformer 3.24); 12 layers: 15.84, 1.40x the Transformer's 11.28.
+    too (0: keep every chunk's state and those). The default is the group size
+    with the lowest per-chip peak of the 124m train step (BENCHMARKS.md,
+    2026-12-07).
   """
 
   variant: str = "mag"  # mag (memory as a gate) | mal (memory as a layer) | mac (context)
@@ -188,9 +187,8 @@ class HopeSpec:
   remat_chunks: chunks per rematerialised group of an in-context level's scan:
     the backward pass keeps the level's weights only at group boundaries and
     recomputes inside a group (0: keep every chunk's weights), for one more
-    forward pass of the in-context levels. 16: the 124m train step at batch
-    32 x 1024 on TPU v5p:2x2x1 (AOT) peaks at 13.6 GiB per chip, 1.20x the
-    Transformer's 11.3 (0: 97 GiB, does not fit; 8: 16.2; 32: 13.2).
+    forward pass of the in-context levels. The default: the 124m train step's
+    per-chip peak by group size is in BENCHMARKS.md (2026-12-07).
   """
 
   chunk_sizes: tuple[int, ...] = (16, 64, 0)  # tokens between in-context updates; 0: ordinary

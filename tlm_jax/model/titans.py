@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -353,6 +354,11 @@ class NeuralMemory(nnx.Module):
     projected, tails = self.project(x_BTD, "qkv", tails, count)
     return tuple(projected[n] for n in "qkv") + self.gates(x_BTD), tails
 
+  def recomputed(self, f: Callable, **checkpoint_options) -> Callable:
+    """f, under jax.checkpoint when the memory is rematerialised (remat_chunks > 0): the
+    backward pass then recomputes f's activations instead of a layer keeping them."""
+    return jax.checkpoint(f, **checkpoint_options) if self.remat_chunks else f
+
   @property
   def scan_options(self) -> dict:
     return dict(
@@ -443,12 +449,10 @@ class NeuralMemory(nnx.Module):
     """
     batch, length = x_BSD.shape[:2]
     before, after = -prefix % self.chunk_size, -(length - prefix) % self.chunk_size
-    rows, output = (lambda x: self.rows(x)[0]), self.output
-    if self.remat_chunks:  # the backward pass recomputes them from x and the reads
-      rows, output = jax.checkpoint(rows), jax.checkpoint(output)
+    rows = self.recomputed(lambda x: self.rows(x)[0])
     padded = [pad_time(a, before, after) for a in rows(x_BSD)]
     _, y_BSNH = multihead_memory_scan(self.initial_state(batch), *padded, **self.scan_options)
-    return output(y_BSNH[:, before : before + length], x_BSD)
+    return self.recomputed(self.output)(y_BSNH[:, before : before + length], x_BSD)
 
 
 class Titans(nnx.Module):
@@ -518,8 +522,8 @@ class Titans(nnx.Module):
       m_BSD = self.memory(x_BSD, prefix)
       return self.attend(m_BSD[:, prefix:], m_BSD, positions_BT, positions_BS, mask_TS)
     y_BTD = self.attend(x_BTD, x_BSD, positions_BT, positions_BS, mask_TS)
-    combine = jax.checkpoint(self.combine) if self.memory.remat_chunks else self.combine
-    return combine(y_BTD, self.memory(x_BSD, prefix)[:, prefix:], x_BTD)
+    m_BTD = self.memory(x_BSD, prefix)[:, prefix:]
+    return self.memory.recomputed(self.combine)(y_BTD, m_BTD, x_BTD)
 
   @property
   def prefix_length(self) -> int:
@@ -700,7 +704,7 @@ class Titans(nnx.Module):
     segments = tuple(map(by_segment, (x_BTD, q_BTNH, positions_BT)))
     tails = {n: jnp.zeros((batch, CONV_WIDTH - 1, *q_BTNH.shape[2:]), mem.dtype) for n in "qkv"}
     carry = (mem.initial_state(batch), tails)
-    if mem.remat_chunks:  # a segment's attention and memory scan are recomputed on the backward
-      segment = jax.checkpoint(segment, prevent_cse=False)
+    # A segment's attention and memory scan are recomputed on the backward pass.
+    segment = mem.recomputed(segment, prevent_cse=False)
     _, out = jax.lax.scan(segment, carry, segments, unroll=self.unroll)
     return jnp.moveaxis(out, 0, 1).reshape(batch, padded_length, dim)[:, :length]
